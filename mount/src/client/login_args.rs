@@ -1,0 +1,1 @@
+//! Login options that netmount and netcp both take (`#[command(flatten)]`). OWNED BY: client.

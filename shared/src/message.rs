@@ -1,0 +1,278 @@
+//! The messages: a [`RequestHeader`] or [`ResponseHeader`] encoded with postcard, followed in the
+//! same frame by file data as raw bytes (only `Write` requests and `Read` answers carry data).
+//!
+//! Compatibility rules, because postcard encodes an enum variant as its index:
+//! - `Request::Hello` and `Response::Hello` stay variant 0 with the fields they have, forever, so
+//!   that any two versions can tell each other their version.
+//! - New variants and messages are appended, never inserted; a change to an existing message
+//!   bumps [`crate::PROTOCOL_VERSION`].
+
+use serde::{Deserialize, Serialize};
+
+use crate::{WireError, WirePath};
+
+/// Matches an answer to its request. Chosen by the client, unique among its requests in flight.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct RequestId(pub u64);
+
+/// An open file on the server, valid within one session (one connection).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Fh(pub u64);
+
+/// Proof of an earlier login, to log in again without the password. Opaque to the client.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Token(pub String);
+
+impl std::fmt::Debug for Token {
+    /// Tokens are secrets: never printed, never logged.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Token(..)")
+    }
+}
+
+/// A request with its id.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RequestHeader {
+    pub id: RequestId,
+    pub request: Request,
+}
+
+/// An answer: the id of the request it answers and either a result or an error.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ResponseHeader {
+    pub id: RequestId,
+    pub result: Result<Response, WireError>,
+}
+
+/// Login outcome codes, after the original FTP design.
+pub mod login_code {
+    /// Logged in.
+    pub const LOGGED_IN: u16 = 201;
+    /// Denied: wrong user, wrong password, expired or revoked token. Never says which.
+    pub const DENIED: u16 = 401;
+}
+
+/// What a client asks. Paths are relative to the user's home (see [`WirePath`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Request {
+    /// First message on a connection. Answered by `Response::Hello`, or by a `Protocol` error
+    /// that names both versions, after which the server closes the connection.
+    Hello { version: u32, client: String },
+    /// Log in with a password. Answered by `Response::Login` (201 or 401).
+    Login { user: String, password: String },
+    /// Log in with the token of an earlier login. Answered by `Response::Login` (201 or 401).
+    Resume { token: Token },
+    /// `lstat`: answered by `Response::Attr`.
+    Stat { path: WirePath },
+    /// One page of a directory with every entry's attributes, sorted by name (bytewise), starting
+    /// after the name `after`. Answered by `Response::Entries`; `.` and `..` are not listed.
+    ReadDir { path: WirePath, after: Option<Vec<u8>>, max_entries: u32 },
+    /// `mkdir`: answered by `Response::Attr` of the new directory.
+    Mkdir { path: WirePath, mode: u32 },
+    /// `rmdir`: answered by `Response::Done`.
+    Rmdir { path: WirePath },
+    /// `unlink` (not for directories): answered by `Response::Done`.
+    Unlink { path: WirePath },
+    /// `renameat2`: answered by `Response::Done`.
+    Rename { from: WirePath, to: WirePath, flags: RenameFlags },
+    /// Open (and with `flags.create`, create) a file: answered by `Response::Opened`.
+    Open { path: WirePath, flags: OpenFlags, mode: u32 },
+    /// Read up to `len` bytes (at most [`crate::MAX_DATA_BYTES`]) at `offset`: answered by
+    /// `Response::Data`, with the bytes as the frame's data. Fewer bytes only at end of file.
+    Read { fh: Fh, offset: u64, len: u32 },
+    /// Write the frame's data at `offset` (ignored for a file opened with `append`): answered by
+    /// `Response::Written`. Either all bytes are written or none and an error is returned
+    /// (`QuotaExceeded` before any byte is written).
+    Write { fh: Fh, offset: u64 },
+    /// Close a handle: answered by `Response::Done`. Releases the handle's `flock` lock.
+    Close { fh: Fh },
+    /// Change attributes; each `Some` field is applied. With `fh`, the open file is used (as
+    /// `ftruncate`/`futimens`), else `path`. Answered by `Response::Attr`.
+    SetAttr { path: WirePath, fh: Option<Fh>, set: SetAttr },
+    /// Create a symlink at `path` pointing to `target` (stored as given): `Response::Attr`.
+    Symlink { target: Vec<u8>, path: WirePath },
+    /// Read a symlink: answered by `Response::Target`.
+    ReadLink { path: WirePath },
+    /// Make a hard link `to` to the file at `from` (both in the home): `Response::Attr`.
+    Link { from: WirePath, to: WirePath },
+    /// `fsync` (or `fdatasync`): answered by `Response::Done` once the data is on disk.
+    Fsync { fh: Fh, datasync: bool },
+    /// The user's quota as a file system: answered by `Response::StatFs`.
+    StatFs,
+    /// Server-side `copy_file_range` between two open files: `Response::Copied`. Quota-checked.
+    CopyRange { src: Fh, src_offset: u64, dst: Fh, dst_offset: u64, len: u64 },
+    /// BLAKE3 of bytes `[start, end)` of the file at `path` (`end` past the end of the file is
+    /// cut to its size): answered by `Response::Checksum`.
+    Checksum { path: WirePath, start: u64, end: u64 },
+    /// Take, change or release a lock on an open file: answered by `Response::Done`, or by
+    /// `WouldBlock` when another owner holds a conflicting lock. With `wait`, the server waits
+    /// up to a bound (see PROTOCOL.md) before answering `WouldBlock`; the client re-sends.
+    Lock { fh: Fh, lock: LockSpec, wait: bool },
+    /// Which lock, if any, would conflict with `lock`: answered by `Response::LockTest`.
+    TestLock { fh: Fh, lock: LockSpec },
+    /// Keeps an idle connection open: answered by `Response::Done`.
+    Ping,
+}
+
+/// What the server answers.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Response {
+    /// The server's protocol version and name.
+    Hello { version: u32, server: String },
+    /// The outcome of `Login` or `Resume`: [`login_code::LOGGED_IN`] with a fresh token (each
+    /// login renews it), or [`login_code::DENIED`].
+    Login { code: u16, token: Option<Token>, message: String },
+    /// Attributes of one file.
+    Attr(Attr),
+    /// A directory page; `more` is true when entries after the last one remain.
+    Entries { entries: Vec<DirEntry>, more: bool },
+    /// An open file and its attributes after opening (after truncation, for `truncate`).
+    Opened { fh: Fh, attr: Attr },
+    /// The frame's data holds the bytes read; `size` is the file's size after the read.
+    Data { size: u64 },
+    /// Bytes written, and the file's size after the write.
+    Written { len: u32, size: u64 },
+    /// Success with nothing to report.
+    Done,
+    /// A symlink's target.
+    Target(Vec<u8>),
+    /// The quota as a file system.
+    StatFs(StatFs),
+    /// Bytes copied by `CopyRange`.
+    Copied { len: u64 },
+    /// The BLAKE3 of the range; `len` is how many bytes it covers, `size` and `mtime` describe the
+    /// file when it was read, so a client can tell that a file changed.
+    Checksum { hash: [u8; 32], len: u64, size: u64, mtime: Timestamp },
+    /// The conflicting lock, if any.
+    LockTest(Option<LockSpec>),
+}
+
+/// Seconds and nanoseconds since the Unix epoch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize)]
+pub struct Timestamp {
+    pub secs: i64,
+    pub nanos: u32,
+}
+
+/// The type of a file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum FileKind {
+    File,
+    Dir,
+    Symlink,
+    Fifo,
+    Socket,
+    CharDevice,
+    BlockDevice,
+}
+
+/// What `lstat` says of a file. Owner and group are not sent: every file in a home belongs to
+/// its user, and the mount shows them as the user who mounted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Attr {
+    /// The server's inode number; stable while the file exists.
+    pub ino: u64,
+    pub kind: FileKind,
+    /// Permission bits (`st_mode & 0o7777`).
+    pub perm: u32,
+    pub nlink: u32,
+    /// Apparent size in bytes.
+    pub size: u64,
+    /// 512-byte blocks allocated.
+    pub blocks: u64,
+    pub atime: Timestamp,
+    pub mtime: Timestamp,
+    pub ctime: Timestamp,
+}
+
+/// A directory entry with its attributes (readdirplus).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DirEntry {
+    pub name: Vec<u8>,
+    pub attr: Attr,
+}
+
+/// `renameat2` flags.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct RenameFlags {
+    /// `RENAME_NOREPLACE`: fail with `Exists` if `to` exists.
+    pub noreplace: bool,
+    /// `RENAME_EXCHANGE`: swap `from` and `to`, which must both exist.
+    pub exchange: bool,
+}
+
+/// How to open a file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct OpenFlags {
+    pub read: bool,
+    pub write: bool,
+    /// Every write goes to the end of the file.
+    pub append: bool,
+    /// Create the file (with `mode`) if it does not exist.
+    pub create: bool,
+    /// With `create`: fail with `Exists` if it exists.
+    pub exclusive: bool,
+    /// Truncate to zero length (quota is freed at once).
+    pub truncate: bool,
+}
+
+/// A time to set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SetTime {
+    /// The server's clock.
+    Now,
+    At(Timestamp),
+}
+
+/// Attributes to change; `None` leaves one as it is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct SetAttr {
+    /// Permission bits.
+    pub mode: Option<u32>,
+    /// Truncate or extend (quota-checked).
+    pub size: Option<u64>,
+    pub atime: Option<SetTime>,
+    pub mtime: Option<SetTime>,
+}
+
+/// The quota, shown as a file system (`df`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatFs {
+    /// The user's quota in bytes: the size of the file system.
+    pub total_bytes: u64,
+    /// Bytes in use by the user's files (sum of apparent sizes).
+    pub used_bytes: u64,
+    /// Bytes the user may still write: the quota left, or the disk's free space if smaller.
+    pub free_bytes: u64,
+    /// Preferred I/O size.
+    pub block_size: u32,
+    /// The longest name.
+    pub max_name: u32,
+}
+
+/// The kind of a lock.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum LockKind {
+    /// Shared (`F_RDLCK`, `LOCK_SH`).
+    Read,
+    /// Exclusive (`F_WRLCK`, `LOCK_EX`).
+    Write,
+    /// Release (`F_UNLCK`, `LOCK_UN`).
+    Unlock,
+}
+
+/// A byte-range (`fcntl`) or whole-file (`flock`) lock.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct LockSpec {
+    pub kind: LockKind,
+    /// First byte.
+    pub start: u64,
+    /// Last byte, inclusive (`u64::MAX`: to the end of the file, however far it grows).
+    pub end: u64,
+    /// The client's lock owner. Locks of one owner in one session never conflict with each other.
+    pub owner: u64,
+    /// The client's process id, reported back by `TestLock`.
+    pub pid: u32,
+    /// A `flock` lock (whole file, tied to the open file) rather than an `fcntl` one.
+    pub flock: bool,
+}
