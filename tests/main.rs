@@ -1,1 +1,1 @@
-
+//! End-to-end tests: one binary; each module is a group of scenarios.

@@ -3,3 +3,5 @@
 #![forbid(unsafe_code)]
 
 pub mod client;
+pub mod copy;
+pub mod fuse;

@@ -1,0 +1,1 @@
+//! What netcp needs: verified, resumable transfers, progress, and the FTP-style shell. OWNED BY: netcp.

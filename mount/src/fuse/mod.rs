@@ -1,0 +1,1 @@
+//! What netmount needs: the FUSE file system over the client. OWNED BY: fuse.
