@@ -4,31 +4,60 @@
 //! OWNED BY: the fsd-ops work (home/, ops/). The session layer uses only what is declared here.
 
 use bytes::Bytes;
-use homefs_shared::{Request, Response, WireError};
+use homefs_shared::{ErrorCode, Request, Response, WireError};
+use std::io;
 use std::sync::Arc;
 
 use crate::home::UserHome;
 
+pub mod checksum;
+pub mod copy;
+pub mod dir;
+pub mod error;
+pub mod file;
+pub mod handles;
+pub mod link;
 pub mod lock;
+pub mod meta;
+pub mod sizing;
 
+pub use error::OpError;
 pub use lock::LockTable;
+
+use handles::Handles;
 
 /// A session after login: cannot exist without a user. Holds the session's open files.
 pub struct AuthedSession {
-    // private fields: see the implementation
-    _private: (),
+    /// The user's home and quota, shared with the user's other sessions.
+    home: Arc<UserHome>,
+    /// The server-wide lock table.
+    locks: Arc<LockTable>,
+    /// Unique per connection: the scope of this session's lock owners and handles.
+    id: u64,
+    /// This session's open files.
+    handles: Arc<Handles>,
 }
 
 impl AuthedSession {
     /// A session of `home`'s user. `locks` is the server-wide lock table, so that two sessions of
     /// one user see each other's locks; `id` is unique per connection (the lock owner's scope).
-    pub fn new(_home: Arc<UserHome>, _locks: Arc<LockTable>, _id: u64) -> AuthedSession {
-        todo!("fsd-ops")
+    pub fn new(home: Arc<UserHome>, locks: Arc<LockTable>, id: u64) -> AuthedSession {
+        AuthedSession { home, locks, id, handles: Arc::new(Handles::default()) }
     }
 
     /// The user's name.
     pub fn user(&self) -> &str {
-        todo!("fsd-ops")
+        &self.home.user
+    }
+
+    /// The user's home (jail and quota).
+    pub fn home(&self) -> &Arc<UserHome> {
+        &self.home
+    }
+
+    /// How many files this session holds open.
+    pub fn open_files(&self) -> usize {
+        self.handles.len()
     }
 
     /// Answers one file request (not Hello/Login/Resume, which the session layer handles).
@@ -37,13 +66,122 @@ impl AuthedSession {
     ///
     /// # Errors
     /// A [`WireError`] whose code is the errno the client should see.
-    pub async fn handle(&self, _request: Request, _data: Bytes) -> Result<(Response, Bytes), WireError> {
-        todo!("fsd-ops")
+    pub async fn handle(&self, request: Request, data: Bytes) -> Result<(Response, Bytes), WireError> {
+        tracing::debug!(session = self.id, ?request, data = data.len(), "request");
+        let result = self.dispatch(request, data).await;
+        if let Err(e) = &result {
+            tracing::debug!(session = self.id, code = ?e.code(), error = %e, "request failed");
+        }
+        result.map_err(WireError::from)
+    }
+
+    async fn dispatch(&self, request: Request, data: Bytes) -> Result<(Response, Bytes), OpError> {
+        let jail = &self.home.jail;
+        let quota = Arc::clone(&self.home.quota);
+        let answer = match request {
+            Request::Hello { .. } | Request::Login { .. } | Request::Resume { .. } => {
+                return Err(ErrorCode::Protocol.into());
+            }
+            Request::Ping => Response::Done,
+            Request::Stat { path } => Response::Attr(jail.run(move |j| meta::stat(j, &path)).await?),
+            Request::ReadDir { path, after, max_entries } => {
+                let (entries, more) = jail.run(move |j| dir::read_dir(j, &path, after.as_deref(), max_entries)).await?;
+                Response::Entries { entries, more }
+            }
+            Request::Mkdir { path, mode } => Response::Attr(jail.run(move |j| dir::mkdir(j, &path, mode)).await?),
+            Request::Rmdir { path } => {
+                jail.run(move |j| dir::rmdir(j, &path)).await?;
+                Response::Done
+            }
+            Request::Unlink { path } => {
+                jail.run(move |j| link::unlink(j, &quota, &path)).await?;
+                Response::Done
+            }
+            Request::Rename { from, to, flags } => {
+                jail.run(move |j| link::rename(j, &quota, &from, &to, flags)).await?;
+                Response::Done
+            }
+            Request::Symlink { target, path } => {
+                Response::Attr(jail.run(move |j| link::symlink(j, &quota, &target, &path)).await?)
+            }
+            Request::ReadLink { path } => Response::Target(jail.run(move |j| link::read_link(j, &path)).await?),
+            Request::Link { from, to } => Response::Attr(jail.run(move |j| link::link(j, &quota, &from, &to)).await?),
+            Request::Open { path, flags, mode } => {
+                if !self.handles.has_room() {
+                    return Err(ErrorCode::TooManyFiles.into());
+                }
+                let (handle, attr) = jail.run(move |j| file::open(j, &quota, &path, flags, mode)).await?;
+                let fh = self.handles.insert(handle)?;
+                Response::Opened { fh, attr }
+            }
+            Request::Read { fh, offset, len } => {
+                let h = self.handles.get(fh)?;
+                let (bytes, size) = jail.run(move |_| file::read(&h, offset, len)).await?;
+                return Ok((Response::Data { size }, bytes));
+            }
+            Request::Write { fh, offset } => {
+                let h = self.handles.get(fh)?;
+                let len = u32::try_from(data.len()).map_err(|_| ErrorCode::TooBig)?;
+                let size = jail.run(move |_| file::write(&quota, &h, offset, &data)).await?;
+                Response::Written { len, size }
+            }
+            Request::Close { fh } => {
+                let h = self.handles.remove(fh).ok_or(ErrorCode::BadHandle)?;
+                self.locks.release_flock(h.file, self.id, fh.0);
+                // The last reference closes the fd; close(2) may block (e.g. on network storage).
+                jail.run(move |_| {
+                    drop(h);
+                    Ok::<_, OpError>(())
+                })
+                .await?;
+                Response::Done
+            }
+            Request::SetAttr { path, fh, set } => {
+                let h = fh.map(|fh| self.handles.get(fh)).transpose()?;
+                Response::Attr(jail.run(move |j| meta::set_attr(j, &quota, &path, h.as_deref(), &set)).await?)
+            }
+            Request::Fsync { fh, datasync } => {
+                let h = self.handles.get(fh)?;
+                jail.run(move |_| file::fsync(&h, datasync)).await?;
+                Response::Done
+            }
+            Request::StatFs => Response::StatFs(jail.run(move |j| meta::stat_fs(j, &quota)).await?),
+            Request::CopyRange { src, src_offset, dst, dst_offset, len } => {
+                let (src, dst) = (self.handles.get(src)?, self.handles.get(dst)?);
+                let len = jail.run(move |_| copy::copy_range(&quota, &src, src_offset, &dst, dst_offset, len)).await?;
+                Response::Copied { len }
+            }
+            Request::Checksum { path, start, end } => {
+                jail.run(move |j| checksum::checksum(j, &path, start, end)).await?
+            }
+            Request::Lock { fh, lock, wait } => {
+                let h = self.handles.get(fh)?;
+                self.locks.lock(h.file, self.id, fh.0, lock, wait).await?;
+                Response::Done
+            }
+            Request::TestLock { fh, lock } => {
+                let h = self.handles.get(fh)?;
+                Response::LockTest(self.locks.test(h.file, self.id, fh.0, &lock))
+            }
+        };
+        Ok((answer, Bytes::new()))
     }
 
     /// Ends the session: releases its locks and closes its open files. Called once, by the
     /// session layer, after the connection is gone and in-flight requests have finished.
     pub async fn end(&self) {
-        todo!("fsd-ops")
+        self.locks.release_session(self.id);
+        let handles = Arc::clone(&self.handles);
+        let closed = self
+            .home
+            .jail
+            .run(move |_| {
+                handles.clear();
+                Ok::<_, io::Error>(())
+            })
+            .await;
+        if let Err(e) = closed {
+            tracing::error!(session = self.id, error = %e, "closing the session's files failed");
+        }
     }
 }

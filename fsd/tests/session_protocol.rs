@@ -1,0 +1,360 @@
+//! Session scenarios against an in-process fsd on 127.0.0.1:0 over real TLS, with a raw client:
+//! the version check, login and its throttling, tokens, bad frames, timeouts, users file reloads.
+
+#[path = "session_support/mod.rs"]
+mod support;
+
+use homefs_shared::{ErrorCode, Request, WirePath, PROTOCOL_VERSION};
+use std::time::{Duration, Instant};
+use support::{garbage_frame, granted, is_denied, wait_until, Instance, Server};
+
+#[tokio::test]
+async fn version_mismatch_names_both_versions_then_closes() {
+    let inst = Instance::new("version");
+    let server = Server::start(inst.config()).await;
+    let mut c = server.connect().await;
+    let r = c.call(Request::Hello { version: PROTOCOL_VERSION + 1, client: "future".into() }).await;
+    let err = r.expect_err("a mismatch is an error");
+    assert_eq!(err.code, ErrorCode::Protocol);
+    let expected = format!("client speaks protocol {}, server speaks {}", PROTOCOL_VERSION + 1, PROTOCOL_VERSION);
+    assert_eq!(err.message, expected);
+    c.expect_closed("after a version mismatch").await;
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn first_request_must_be_hello() {
+    let inst = Instance::new("nohello");
+    let server = Server::start(inst.config()).await;
+    let mut c = server.connect().await;
+    let err = c.call(Request::Login { user: "a".into(), password: "b".into() }).await.expect_err("refused");
+    assert_eq!(err.code, ErrorCode::Protocol);
+    c.expect_closed("after a first request that is not Hello").await;
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn requests_before_login_are_refused_with_access() {
+    let inst = Instance::new("prelogin");
+    let server = Server::start(inst.config()).await;
+    let mut c = server.connect().await;
+    c.hello().await;
+    for request in [Request::Stat { path: WirePath::root() }, Request::Ping, Request::StatFs] {
+        let err = c.call(request).await.expect_err("refused before login");
+        assert_eq!(err.code, ErrorCode::Access);
+    }
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn login_right_wrong_and_unknown() {
+    let inst = Instance::new("login");
+    inst.add_user("alice", "correct horse");
+    let server = Server::start(inst.config()).await;
+
+    let mut c = server.connect().await;
+    let wrong = c.login("alice", "wrong").await;
+    assert!(is_denied(&wrong), "{wrong:?}");
+    let mut c2 = server.connect().await;
+    let unknown = c2.login("mallory", "correct horse").await;
+    // Identical answers: a 401 never tells whether the user exists.
+    assert_eq!(wrong, unknown);
+
+    // A 401 leaves the connection open for another attempt.
+    let ok = c.call(Request::Login { user: "alice".into(), password: "correct horse".into() }).await.unwrap();
+    granted(&ok);
+    // A second login on a logged-in connection is a protocol error.
+    let again = c.call(Request::Login { user: "alice".into(), password: "correct horse".into() }).await;
+    assert_eq!(again.expect_err("second login").code, ErrorCode::Protocol);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn failed_logins_from_one_address_are_delayed() {
+    let inst = Instance::new("throttle");
+    inst.edit_config(&[
+        ("throttle_after_failures = 3", "throttle_after_failures = 2"),
+        ("throttle_base_delay_ms = 500", "throttle_base_delay_ms = 400"),
+    ]);
+    let server = Server::start(inst.config()).await;
+    let mut c = server.connect().await;
+    c.hello().await;
+    // Different (unknown) users: the address alone is throttled.
+    for user in ["u1", "u2"] {
+        let r = c.call(Request::Login { user: user.into(), password: "x".into() }).await.unwrap();
+        assert!(is_denied(&r));
+    }
+    let started = Instant::now();
+    let r = c.call(Request::Login { user: "u3".into(), password: "x".into() }).await.unwrap();
+    assert!(is_denied(&r));
+    let elapsed = started.elapsed();
+    assert!(elapsed >= Duration::from_millis(400), "the third failure was answered after {elapsed:?}, not delayed");
+    // The next one waits twice as long.
+    let started = Instant::now();
+    let r = c.call(Request::Login { user: "u4".into(), password: "x".into() }).await.unwrap();
+    assert!(is_denied(&r));
+    assert!(started.elapsed() >= Duration::from_millis(800), "not doubled: {:?}", started.elapsed());
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn token_works_on_a_new_connection_and_after_a_restart() {
+    let inst = Instance::new("token");
+    inst.add_user("bob", "pw-bob");
+    let server = Server::start(inst.config()).await;
+    let token = granted(&server.connect().await.login("bob", "pw-bob").await);
+    let fresh = granted(&server.connect().await.resume(&token).await);
+    server.stop().await;
+
+    // Same instance directory, new process state: the token key is on disk.
+    let server = Server::start(inst.config()).await;
+    granted(&server.connect().await.resume(&token).await);
+    granted(&server.connect().await.resume(&fresh).await);
+    // A forged token is refused like any other denial.
+    let mut forged = token.clone();
+    forged.0.replace_range(forged.0.len() - 4.., "AAAA");
+    assert!(is_denied(&server.connect().await.resume(&forged).await));
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn token_is_refused_after_expiry() {
+    let inst = Instance::new("expiry");
+    inst.edit_config(&[
+        ("token_ttl_secs = 604800", "token_ttl_secs = 1"),
+        ("throttle_after_failures = 3", "throttle_after_failures = 1000"),
+    ]);
+    inst.add_user("carol", "pw");
+    let server = Server::start(inst.config()).await;
+    let token = granted(&server.connect().await.login("carol", "pw").await);
+    // Expiry has a one-second resolution: the token is refused at most two seconds later.
+    wait_until("the token to expire", || {
+        let (server, token) = (&server, &token);
+        async move { is_denied(&server.connect().await.resume(token).await) }
+    })
+    .await;
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn token_is_refused_after_user_deletion_and_password_change() {
+    let inst = Instance::new("revoke");
+    inst.edit_config(&[("throttle_after_failures = 3", "throttle_after_failures = 1000")]);
+    inst.add_user("dave", "old");
+    inst.add_user("erin", "pw");
+    let server = Server::start(inst.config()).await;
+    let dave = granted(&server.connect().await.login("dave", "old").await);
+    let erin = granted(&server.connect().await.login("erin", "pw").await);
+
+    fsd::accounts::admin::passwd(&inst.config(), "dave", "new").unwrap();
+    wait_until("dave's old token to be refused after the password change", || {
+        let (server, dave) = (&server, &dave);
+        async move { is_denied(&server.connect().await.resume(dave).await) }
+    })
+    .await;
+    granted(&server.connect().await.login("dave", "new").await);
+    assert!(is_denied(&server.connect().await.login("dave", "old").await));
+
+    fsd::accounts::admin::del(&inst.config(), "erin", false).unwrap();
+    wait_until("erin's token to be refused after her deletion", || {
+        let (server, erin) = (&server, &erin);
+        async move { is_denied(&server.connect().await.resume(erin).await) }
+    })
+    .await;
+    assert!(is_denied(&server.connect().await.login("erin", "pw").await));
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn users_file_reload_picks_up_a_new_user() {
+    let inst = Instance::new("reload");
+    inst.edit_config(&[("throttle_after_failures = 3", "throttle_after_failures = 1000")]);
+    let server = Server::start(inst.config()).await;
+    assert!(is_denied(&server.connect().await.login("frank", "pw").await));
+    inst.add_user("frank", "pw");
+    wait_until("the server to accept a user added while it runs", || {
+        let server = &server;
+        async move { !is_denied(&server.connect().await.login("frank", "pw").await) }
+    })
+    .await;
+    granted(&server.connect().await.login("frank", "pw").await);
+
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_users_file_that_does_not_parse_keeps_the_old_users() {
+    let inst = Instance::new("badreload");
+    inst.add_user("hank", "pw");
+    let accounts = fsd::accounts::Accounts::load(&inst.config()).unwrap();
+    let peer = "127.0.0.1".parse().unwrap();
+    let login = |a: fsd::accounts::Login| matches!(a, fsd::accounts::Login::Granted { .. });
+    assert!(login(accounts.login_password("hank", "pw".into(), peer).await));
+    std::fs::write(inst.dir.join("users.toml"), "[users.hank\npassword = ").unwrap();
+    assert!(accounts.reload_if_changed().await.is_err(), "a broken file is reported");
+    assert!(login(accounts.login_password("hank", "pw".into(), peer).await), "the old users are kept");
+    // Reported once per version of the file, not on every poll.
+    assert!(matches!(accounts.reload_if_changed().await, Ok(None)));
+    // A repaired file is picked up, with what changed.
+    std::fs::remove_file(inst.dir.join("users.toml")).unwrap();
+    std::fs::write(inst.dir.join("users.toml"), "").unwrap();
+    inst.add_user("ivy", "pw2");
+    let changes = accounts.reload_if_changed().await.unwrap().expect("changed");
+    assert_eq!(changes.removed, vec!["hank".to_string()]);
+    assert_eq!(changes.quotas.len(), 1);
+    assert!(!login(accounts.login_password("hank", "pw".into(), peer).await));
+    assert!(login(accounts.login_password("ivy", "pw2".into(), peer).await));
+}
+
+#[tokio::test]
+async fn malformed_and_oversized_frames_close_only_their_connection() {
+    let inst = Instance::new("frames");
+    let server = Server::start(inst.config()).await;
+    let mut healthy = server.connect().await;
+    healthy.hello().await;
+
+    let mut bad = server.connect().await;
+    bad.hello().await;
+    bad.send_raw(&garbage_frame()).await;
+    bad.expect_closed("after an undecodable header").await;
+
+    let mut huge = server.connect().await;
+    huge.send_raw(&u32::MAX.to_be_bytes()).await;
+    huge.expect_closed("after an over-limit length").await;
+
+    let mut short = server.connect().await;
+    short.send_raw(&[0, 0, 0, 2, 0, 0]).await;
+    short.expect_closed("after a frame shorter than its header length").await;
+
+    // The other connection is still served, and new ones are accepted.
+    let err = healthy.call(Request::Stat { path: WirePath::root() }).await.expect_err("not logged in");
+    assert_eq!(err.code, ErrorCode::Access);
+    server.connect().await.hello().await;
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_silent_client_is_closed_at_the_login_timeout() {
+    let inst = Instance::new("idle");
+    inst.edit_config(&[("login_timeout_secs = 30", "login_timeout_secs = 1")]);
+    let server = Server::start(inst.config()).await;
+    let mut c = server.connect().await;
+    let started = Instant::now();
+    c.hello().await;
+    c.expect_closed("a client that never logs in").await;
+    assert!(started.elapsed() >= Duration::from_millis(900), "closed too early: {:?}", started.elapsed());
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn an_idle_session_is_closed_at_the_idle_timeout() {
+    let inst = Instance::new("idle2");
+    inst.edit_config(&[("idle_timeout_secs = 300", "idle_timeout_secs = 1")]);
+    inst.add_user("gina", "pw");
+    let server = Server::start(inst.config()).await;
+    let mut c = server.connect().await;
+    granted(&c.login("gina", "pw").await);
+    let started = Instant::now();
+    c.expect_closed("an idle logged-in session").await;
+    assert!(started.elapsed() >= Duration::from_millis(900), "closed too early: {:?}", started.elapsed());
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_new_connection_waits_past_the_connection_limit() {
+    let inst = Instance::new("connlimit");
+    inst.edit_config(&[("max_connections = 1024", "max_connections = 1")]);
+    let server = Server::start(inst.config()).await;
+    let mut first = server.connect().await;
+    first.hello().await;
+    // The second TCP connection waits in the backlog: its TLS handshake cannot complete.
+    let addr = server.addr;
+    let fp = server.fingerprint.clone();
+    let second = tokio::spawn(async move {
+        let mut c = support::Conn::connect(addr, &fp).await;
+        c.hello().await;
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!second.is_finished(), "a second connection was served past max_connections = 1");
+    drop(first);
+    tokio::time::timeout(support::WAIT, second).await.expect("served once the first is gone").unwrap();
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_login_past_the_per_user_limit_is_refused() {
+    let inst = Instance::new("userlimit");
+    inst.edit_config(&[("max_connections_per_user = 64", "max_connections_per_user = 1")]);
+    inst.add_user("jack", "pw");
+    let server = Server::start(inst.config()).await;
+    let mut first = server.connect().await;
+    granted(&first.login("jack", "pw").await);
+    let mut second = server.connect().await;
+    second.hello().await;
+    let err = second.call(Request::Login { user: "jack".into(), password: "pw".into() }).await.expect_err("refused");
+    assert_eq!(err.code, ErrorCode::Busy);
+    second.expect_closed("after a login past the per-user limit").await;
+    // The permit is the connection's: once it is gone, the user may connect again.
+    drop(first);
+    wait_until("a new login once the first connection closed", || {
+        let server = &server;
+        async move {
+            let mut c = server.connect().await;
+            c.hello().await;
+            let r = c.call(Request::Login { user: "jack".into(), password: "pw".into() }).await;
+            matches!(r, Ok(homefs_shared::Response::Login { code: 201, .. }))
+        }
+    })
+    .await;
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_client_that_stops_reading_is_cut_off_and_others_are_served() {
+    use homefs_shared::{OpenFlags, Response};
+    let inst = Instance::new("stalled");
+    inst.edit_config(&[
+        ("write_timeout_secs = 30", "write_timeout_secs = 1"),
+        ("max_in_flight_per_session = 64", "max_in_flight_per_session = 4"),
+    ]);
+    inst.add_user("kim", "pw");
+    let server = Server::start(inst.config()).await;
+    let mut c = server.connect().await;
+    granted(&c.login("kim", "pw").await);
+    let path = WirePath::new(b"big".to_vec()).unwrap();
+    let flags = OpenFlags { read: true, write: true, create: true, ..OpenFlags::default() };
+    let Ok(Response::Opened { fh, .. }) = c.call(Request::Open { path, flags, mode: 0o600 }).await else {
+        panic!("open failed")
+    };
+    let chunk = vec![7u8; homefs_shared::MAX_DATA_BYTES as usize];
+    let id = c.send_with(Request::Write { fh, offset: 0 }, &chunk).await;
+    assert_eq!(c.recv().await.0.id, id);
+
+    // 200 reads of 4 MiB (800 MiB) that this client never reads: the server must not buffer them.
+    const SENT: usize = 200;
+    for _ in 0..SENT {
+        c.send(Request::Read { fh, offset: 0, len: homefs_shared::MAX_DATA_BYTES }).await;
+    }
+    // Meanwhile another client of the same user is served.
+    let mut other = server.connect().await;
+    granted(&other.login("kim", "pw").await);
+    other.call(Request::Ping).await.expect("ping while another session is stalled");
+
+    // The stalled writer times out and the connection closes; what arrived before is far less
+    // than what was asked.
+    let mut answers = 0;
+    loop {
+        match tokio::time::timeout(support::WAIT, c.next_frame()).await {
+            Err(_) => panic!("the stalled connection was not closed"),
+            Ok(Some(_)) => answers += 1,
+            Ok(None) => break,
+        }
+        if answers == 1 {
+            // Stop reading again after the first answer, past the write timeout.
+            tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
+        }
+    }
+    assert!(answers < SENT, "all {answers} answers were buffered for a client that did not read");
+    other.call(Request::Ping).await.expect("the other session is still served");
+    server.stop().await;
+}
