@@ -10,13 +10,38 @@
 
 use bytes::Bytes;
 use homefs_shared::{
-    Attr, DirEntry, Fh, LockSpec, OpenFlags, RenameFlags, Request, Response, SetAttr, StatFs, Timestamp, WireError,
-    WirePath,
+    Attr, DirEntry, ErrorCode, Fh, LockSpec, OpenFlags, RenameFlags, Request, Response, SetAttr, StatFs, Timestamp,
+    WireError, WirePath, MAX_DATA_BYTES,
 };
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
+use tokio::sync::Semaphore;
 
+mod addr;
+mod connect;
+mod handles;
+pub mod known_hosts;
 pub mod login_args;
+mod mux;
+
+pub use addr::AddrError;
+pub use login_args::LoginArgs;
+
+use handles::{Handles, Lookup};
+use mux::{Conn, Mux, SendError};
+
+/// The default of [`ConnectOptions::reconnect_timeout`]: how long a call waits for a lost
+/// connection to come back before it fails with EIO.
+pub const DEFAULT_RECONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+/// The default of [`ConnectOptions::max_in_flight`]: the server's per-session default, so the
+/// client never queues more than the server would work on at once.
+pub const DEFAULT_MAX_IN_FLIGHT: usize = 64;
+/// How many times one call is sent at most: a request that kills the connection each time it is
+/// sent must not be retried forever, even when reconnects are quick.
+const MAX_ATTEMPTS: u32 = 4;
+/// Entries asked for per `ReadDir` page by [`Client::read_dir`] (the server may send fewer).
+const READ_DIR_PAGE: u32 = 4096;
 
 /// Where the server is: `[USER@]HOST[:PORT]`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -81,40 +106,259 @@ pub enum ConnectError {
 /// A logged-in connection. Cheap to clone; all clones share one TLS connection.
 #[derive(Clone)]
 pub struct Client {
-    _private: (),
+    inner: Arc<Inner>,
 }
 
-#[allow(unused_variables)]
+struct Inner {
+    user: String,
+    fingerprint: String,
+    mux: Arc<Mux>,
+    /// Caps the requests in flight ([`ConnectOptions::max_in_flight`]).
+    in_flight: Semaphore,
+    reconnect_timeout: Duration,
+    handles: Handles,
+}
+
+impl Drop for Inner {
+    /// The last clone is gone: stop reconnecting and close the connection.
+    fn drop(&mut self) {
+        self.mux.shut_down();
+    }
+}
+
+/// How one attempt on a connection went wrong before the request itself was sent.
+enum Attempt {
+    /// A final answer for the caller.
+    Failed(WireError),
+    /// The connection failed; the attempt may be made again on the next one.
+    Lost(SendError),
+}
+
+/// Whether a request may be sent again on a new connection after the old one died with it in
+/// flight. Only requests that change nothing, or whose repetition has the same effect, qualify.
+/// The others (mkdir, unlink, rename, write, link, copy, lock...) may already have been applied
+/// by the server before the connection died: repeating them could fail for the wrong reason
+/// (EEXIST after a mkdir that worked), apply twice (an append), or take a lock twice, so they
+/// fail with EIO and the caller decides.
+fn is_idempotent(r: &Request) -> bool {
+    match r {
+        Request::Stat { .. }
+        | Request::ReadDir { .. }
+        | Request::Read { .. }
+        | Request::ReadLink { .. }
+        | Request::StatFs
+        | Request::Checksum { .. }
+        | Request::TestLock { .. }
+        | Request::Ping
+        // fsync flushes the file's data whichever descriptor it comes through.
+        | Request::Fsync { .. }
+        // Setting a mode, a size or a time twice leaves the same result.
+        | Request::SetAttr { .. } => true,
+        Request::Open { flags, .. } => !flags.exclusive && !flags.truncate,
+        Request::Lock { lock, .. } => lock.kind == homefs_shared::LockKind::Unlock,
+        _ => false,
+    }
+}
+
+fn unexpected(what: &str) -> WireError {
+    WireError::new(ErrorCode::Protocol, format!("unexpected answer to {what}"))
+}
+
+fn lost_error(e: SendError) -> WireError {
+    match e {
+        SendError::TimedOut => WireError::new(ErrorCode::TimedOut, "no answer from the server in time"),
+        SendError::NotSent | SendError::Lost => WireError::new(
+            ErrorCode::Io,
+            "connection lost while the request was in flight; the server may have applied it, so it is not repeated",
+        ),
+    }
+}
+
 impl Client {
     /// Connects, checks the certificate, says Hello, and logs in.
     ///
     /// # Errors
     /// [`ConnectError`], one variant per reason the user must act on.
     pub async fn connect(opts: ConnectOptions, password: PasswordFn) -> Result<Client, ConnectError> {
-        todo!("client")
+        let est = connect::establish(&opts, password).await?;
+        tracing::info!(server = %opts.server.host_port(), user = %opts.user, "logged in (201)");
+        let mux = Mux::start(est.dialer, est.transport, est.token);
+        Ok(Client {
+            inner: Arc::new(Inner {
+                user: opts.user,
+                fingerprint: est.fingerprint,
+                mux,
+                in_flight: Semaphore::new(opts.max_in_flight.max(1)),
+                reconnect_timeout: opts.reconnect_timeout,
+                handles: Handles::default(),
+            }),
+        })
     }
 
     /// The logged-in user.
     pub fn user(&self) -> &str {
-        todo!("client")
+        &self.inner.user
     }
 
     /// The server's certificate fingerprint.
     pub fn fingerprint(&self) -> &str {
-        todo!("client")
+        &self.inner.fingerprint
+    }
+
+    /// How many times the connection was made again after a loss (0 on the first connection).
+    pub fn reconnects(&self) -> u64 {
+        self.inner.mux.reconnects()
+    }
+
+    /// Whether a connection is up right now.
+    pub fn is_connected(&self) -> bool {
+        self.inner.mux.current().is_some()
+    }
+
+    /// Drops the current connection as a network failure would; the client then reconnects with
+    /// its token. For tests of connection loss and for a user's "reconnect now".
+    pub fn break_connection(&self) {
+        self.inner.mux.break_connection();
+    }
+
+    /// Sets how long the connection may stay idle before the client sends a keepalive `Ping`
+    /// (30 s by default; keep it under the server's `idle_timeout_secs`).
+    pub fn set_keepalive(&self, idle: Duration) {
+        self.inner.mux.set_keepalive(idle);
+    }
+
+    /// How many handles from [`Client::open`] are not yet closed.
+    pub fn open_handles(&self) -> usize {
+        self.inner.handles.len()
     }
 
     /// Sends any request and waits for its answer (bounded by the reconnect timeout).
     ///
+    /// File handles in the request and in an `Opened` answer are the client's own, as with the
+    /// typed methods. `Hello`, `Login` and `Resume` are the client's business and refused here.
+    ///
     /// # Errors
     /// The server's error, or `Io`/`TimedOut` when the connection could not be restored in time.
     pub async fn call(&self, request: Request, data: Bytes) -> Result<(Response, Bytes), WireError> {
-        todo!("client")
+        match request {
+            Request::Hello { .. } | Request::Login { .. } | Request::Resume { .. } => {
+                Err(WireError::new(ErrorCode::Protocol, "the client handles hello and login itself"))
+            }
+            Request::Open { path, flags, mode } => {
+                let (fh, attr) = self.open(&path, flags, mode).await?;
+                Ok((Response::Opened { fh, attr }, Bytes::new()))
+            }
+            Request::Close { fh } => self.close(fh).await.map(|()| (Response::Done, Bytes::new())),
+            Request::Rename { from, to, flags } => {
+                self.rename(&from, &to, flags).await.map(|()| (Response::Done, Bytes::new()))
+            }
+            other => self.exec(other, data).await.map(|(r, d, _)| (r, d)),
+        }
+    }
+
+    /// Runs one request: waits for a connection (up to the reconnect timeout), maps client
+    /// handles to the server's (reopening after a reconnect), and retries on a new connection
+    /// when that is safe. Returns the answer and the epoch of the connection that gave it.
+    async fn exec(&self, request: Request, data: Bytes) -> Result<(Response, Bytes, u64), WireError> {
+        let _permit = self.inner.in_flight.acquire().await.expect("the in-flight semaphore is never closed");
+        let wait = self.inner.reconnect_timeout;
+        let deadline = tokio::time::Instant::now() + wait;
+        let retry_ok = is_idempotent(&request);
+        for attempt in 1.. {
+            if attempt > MAX_ATTEMPTS {
+                return Err(WireError::new(
+                    ErrorCode::Io,
+                    format!("connection lost {MAX_ATTEMPTS} times during this request"),
+                ));
+            }
+            let conn = self.inner.mux.conn(deadline, wait).await?;
+            let sent = match self.translate(&conn, &request).await {
+                Ok(r) => r,
+                Err(Attempt::Failed(e)) => return Err(e),
+                Err(Attempt::Lost(SendError::TimedOut)) => return Err(lost_error(SendError::TimedOut)),
+                Err(Attempt::Lost(_)) => continue,
+            };
+            match conn.request(sent, data.clone()).await {
+                Ok((Ok(resp), data)) => return Ok((resp, data, conn.epoch)),
+                Ok((Err(e), _)) => return Err(e),
+                Err(SendError::NotSent) => continue,
+                Err(SendError::Lost) if retry_ok => continue,
+                Err(e) => return Err(lost_error(e)),
+            }
+        }
+        unreachable!("the loop returns by its attempt limit at the latest")
+    }
+
+    /// The request with client handles replaced by the server's handles on `conn`.
+    async fn translate(&self, conn: &Arc<Conn>, request: &Request) -> Result<Request, Attempt> {
+        let mut r = request.clone();
+        match &mut r {
+            Request::Read { fh, .. }
+            | Request::Write { fh, .. }
+            | Request::Close { fh }
+            | Request::Fsync { fh, .. }
+            | Request::Lock { fh, .. }
+            | Request::TestLock { fh, .. }
+            | Request::SetAttr { fh: Some(fh), .. } => *fh = self.server_fh(conn, *fh).await?,
+            Request::CopyRange { src, dst, .. } => {
+                *src = self.server_fh(conn, *src).await?;
+                *dst = self.server_fh(conn, *dst).await?;
+            }
+            _ => {}
+        }
+        Ok(r)
+    }
+
+    /// The server's handle for `fh` on `conn`, reopening the file by path if it was opened on an
+    /// earlier connection.
+    async fn server_fh(&self, conn: &Arc<Conn>, fh: Fh) -> Result<Fh, Attempt> {
+        let handles = &self.inner.handles;
+        let (path, flags, mode) = match handles.lookup(fh, conn.epoch) {
+            Lookup::Ready(s) => return Ok(s),
+            Lookup::Unknown => return Err(Attempt::Failed(WireError::new(ErrorCode::BadHandle, "no such open file"))),
+            Lookup::Stale => {
+                return Err(Attempt::Failed(WireError::new(
+                    ErrorCode::Stale,
+                    "file could not be reopened after a reconnect",
+                )))
+            }
+            Lookup::Reopen { path, flags, mode } => (path, flags, mode),
+        };
+        let answer = conn.request(Request::Open { path: path.clone(), flags, mode }, Bytes::new()).await;
+        match answer {
+            Ok((Ok(Response::Opened { fh: server, .. }), _)) => match handles.reopened(fh, conn.epoch, server) {
+                Some((use_fh, extra)) => {
+                    if let Some(extra) = extra {
+                        close_in_background(conn, extra);
+                    }
+                    Ok(use_fh)
+                }
+                None => {
+                    // Closed by another task while we reopened it.
+                    close_in_background(conn, server);
+                    Err(Attempt::Failed(WireError::new(ErrorCode::BadHandle, "file closed")))
+                }
+            },
+            Ok((Ok(_), _)) => Err(Attempt::Failed(unexpected("Open"))),
+            Ok((Err(e), _)) => {
+                tracing::warn!(path = %path, error = %e, "cannot reopen a file after a reconnect");
+                handles.mark_stale(fh);
+                Err(Attempt::Failed(WireError::new(
+                    ErrorCode::Stale,
+                    format!("{path}: cannot reopen after a reconnect: {e}"),
+                )))
+            }
+            Err(e) => Err(Attempt::Lost(e)),
+        }
     }
 
     pub async fn stat(&self, path: &WirePath) -> Result<Attr, WireError> {
-        todo!("client")
+        match self.exec(Request::Stat { path: path.clone() }, Bytes::new()).await?.0 {
+            Response::Attr(a) => Ok(a),
+            _ => Err(unexpected("Stat")),
+        }
     }
+
     /// One page of a directory (see `Request::ReadDir`); returns the entries and whether more remain.
     pub async fn read_dir_page(
         &self,
@@ -122,56 +366,166 @@ impl Client {
         after: Option<Vec<u8>>,
         max_entries: u32,
     ) -> Result<(Vec<DirEntry>, bool), WireError> {
-        todo!("client")
+        match self.exec(Request::ReadDir { path: path.clone(), after, max_entries }, Bytes::new()).await?.0 {
+            Response::Entries { entries, more } => Ok((entries, more)),
+            _ => Err(unexpected("ReadDir")),
+        }
     }
+
     /// A whole directory, all pages.
     pub async fn read_dir(&self, path: &WirePath) -> Result<Vec<DirEntry>, WireError> {
-        todo!("client")
+        let mut all = Vec::new();
+        let mut after = None;
+        loop {
+            let (page, more) = self.read_dir_page(path, after, READ_DIR_PAGE).await?;
+            let last = page.last().map(|e| e.name.clone());
+            all.extend(page);
+            match (more, last) {
+                (true, Some(name)) => after = Some(name),
+                // `more` with an empty page would loop forever: treat it as the end.
+                _ => return Ok(all),
+            }
+        }
     }
+
     pub async fn mkdir(&self, path: &WirePath, mode: u32) -> Result<Attr, WireError> {
-        todo!("client")
+        match self.exec(Request::Mkdir { path: path.clone(), mode }, Bytes::new()).await?.0 {
+            Response::Attr(a) => Ok(a),
+            _ => Err(unexpected("Mkdir")),
+        }
     }
+
     pub async fn rmdir(&self, path: &WirePath) -> Result<(), WireError> {
-        todo!("client")
+        self.exec(Request::Rmdir { path: path.clone() }, Bytes::new()).await.map(drop)
     }
+
     pub async fn unlink(&self, path: &WirePath) -> Result<(), WireError> {
-        todo!("client")
+        self.exec(Request::Unlink { path: path.clone() }, Bytes::new()).await.map(drop)
     }
+
+    /// Renames, and moves the paths of this client's open handles at or below `from` (both ways
+    /// with `exchange`), so that they can be reopened after a reconnect.
     pub async fn rename(&self, from: &WirePath, to: &WirePath, flags: RenameFlags) -> Result<(), WireError> {
-        todo!("client")
+        self.exec(Request::Rename { from: from.clone(), to: to.clone(), flags }, Bytes::new()).await?;
+        self.inner.handles.renamed(from, to, flags.exchange);
+        Ok(())
     }
+
     pub async fn open(&self, path: &WirePath, flags: OpenFlags, mode: u32) -> Result<(Fh, Attr), WireError> {
-        todo!("client")
+        match self.exec(Request::Open { path: path.clone(), flags, mode }, Bytes::new()).await? {
+            (Response::Opened { fh, attr }, _, epoch) => {
+                Ok((self.inner.handles.insert(path.clone(), flags, mode, epoch, fh), attr))
+            }
+            _ => Err(unexpected("Open")),
+        }
     }
+
     /// Up to `len` bytes at `offset`; fewer only at end of file. Also returns the file's size.
+    /// A `len` over [`MAX_DATA_BYTES`] is read in several requests.
     pub async fn read(&self, fh: Fh, offset: u64, len: u32) -> Result<(Bytes, u64), WireError> {
-        todo!("client")
+        if len <= MAX_DATA_BYTES {
+            return self.read_once(fh, offset, len).await;
+        }
+        let mut buf = bytes::BytesMut::with_capacity(len as usize);
+        let mut size = 0;
+        while buf.len() < len as usize {
+            let want = (len - buf.len() as u32).min(MAX_DATA_BYTES);
+            let (data, s) = self.read_once(fh, offset + buf.len() as u64, want).await?;
+            size = s;
+            buf.extend_from_slice(&data);
+            if data.len() < want as usize {
+                break;
+            }
+        }
+        Ok((buf.freeze(), size))
     }
-    /// Writes all of `data` at `offset`; returns the file's size after the write.
+
+    async fn read_once(&self, fh: Fh, offset: u64, len: u32) -> Result<(Bytes, u64), WireError> {
+        match self.exec(Request::Read { fh, offset, len }, Bytes::new()).await? {
+            (Response::Data { size }, data, _) => Ok((data, size)),
+            _ => Err(unexpected("Read")),
+        }
+    }
+
+    /// Writes all of `data` at `offset`; returns the file's size after the write. More than
+    /// [`MAX_DATA_BYTES`] goes in several requests, in order.
     pub async fn write(&self, fh: Fh, offset: u64, data: Bytes) -> Result<u64, WireError> {
-        todo!("client")
+        let mut done = 0usize;
+        loop {
+            let n = (data.len() - done).min(MAX_DATA_BYTES as usize);
+            let chunk = data.slice(done..done + n);
+            let size = match self.exec(Request::Write { fh, offset: offset + done as u64 }, chunk).await? {
+                (Response::Written { len, size }, _, _) if len as usize == n => size,
+                (Response::Written { len, .. }, _, _) => {
+                    return Err(WireError::new(ErrorCode::Io, format!("short write: {len} of {n} bytes")))
+                }
+                _ => return Err(unexpected("Write")),
+            };
+            done += n;
+            if done >= data.len() {
+                return Ok(size);
+            }
+        }
     }
+
+    /// Closes a handle. A handle whose connection is gone needs nothing sent: the server closed
+    /// it when that session ended.
     pub async fn close(&self, fh: Fh) -> Result<(), WireError> {
-        todo!("client")
+        let (epoch, server) = match self.inner.handles.remove(fh) {
+            None => return Err(WireError::new(ErrorCode::BadHandle, "no such open file")),
+            Some(None) => return Ok(()),
+            Some(Some(s)) => s,
+        };
+        let Some(conn) = self.inner.mux.current().filter(|c| c.epoch == epoch) else { return Ok(()) };
+        let _permit = self.inner.in_flight.acquire().await.expect("the in-flight semaphore is never closed");
+        match conn.request(Request::Close { fh: server }, Bytes::new()).await {
+            Ok((Ok(_), _)) => Ok(()),
+            Ok((Err(e), _)) => Err(e),
+            Err(SendError::TimedOut) => Err(lost_error(SendError::TimedOut)),
+            // The connection died: the server closes the files of a session that ends.
+            Err(_) => Ok(()),
+        }
     }
+
     pub async fn setattr(&self, path: &WirePath, fh: Option<Fh>, set: SetAttr) -> Result<Attr, WireError> {
-        todo!("client")
+        match self.exec(Request::SetAttr { path: path.clone(), fh, set }, Bytes::new()).await?.0 {
+            Response::Attr(a) => Ok(a),
+            _ => Err(unexpected("SetAttr")),
+        }
     }
+
     pub async fn symlink(&self, target: &[u8], path: &WirePath) -> Result<Attr, WireError> {
-        todo!("client")
+        match self.exec(Request::Symlink { target: target.to_vec(), path: path.clone() }, Bytes::new()).await?.0 {
+            Response::Attr(a) => Ok(a),
+            _ => Err(unexpected("Symlink")),
+        }
     }
+
     pub async fn readlink(&self, path: &WirePath) -> Result<Vec<u8>, WireError> {
-        todo!("client")
+        match self.exec(Request::ReadLink { path: path.clone() }, Bytes::new()).await?.0 {
+            Response::Target(t) => Ok(t),
+            _ => Err(unexpected("ReadLink")),
+        }
     }
+
     pub async fn link(&self, from: &WirePath, to: &WirePath) -> Result<Attr, WireError> {
-        todo!("client")
+        match self.exec(Request::Link { from: from.clone(), to: to.clone() }, Bytes::new()).await?.0 {
+            Response::Attr(a) => Ok(a),
+            _ => Err(unexpected("Link")),
+        }
     }
+
     pub async fn fsync(&self, fh: Fh, datasync: bool) -> Result<(), WireError> {
-        todo!("client")
+        self.exec(Request::Fsync { fh, datasync }, Bytes::new()).await.map(drop)
     }
+
     pub async fn statfs(&self) -> Result<StatFs, WireError> {
-        todo!("client")
+        match self.exec(Request::StatFs, Bytes::new()).await?.0 {
+            Response::StatFs(s) => Ok(s),
+            _ => Err(unexpected("StatFs")),
+        }
     }
+
     pub async fn copy_range(
         &self,
         src: Fh,
@@ -180,8 +534,13 @@ impl Client {
         dst_offset: u64,
         len: u64,
     ) -> Result<u64, WireError> {
-        todo!("client")
+        let request = Request::CopyRange { src, src_offset, dst, dst_offset, len };
+        match self.exec(request, Bytes::new()).await?.0 {
+            Response::Copied { len } => Ok(len),
+            _ => Err(unexpected("CopyRange")),
+        }
     }
+
     /// BLAKE3 of `[start, end)`: (hash, bytes covered, file size, mtime).
     pub async fn checksum(
         &self,
@@ -189,13 +548,29 @@ impl Client {
         start: u64,
         end: u64,
     ) -> Result<([u8; 32], u64, u64, Timestamp), WireError> {
-        todo!("client")
+        match self.exec(Request::Checksum { path: path.clone(), start, end }, Bytes::new()).await?.0 {
+            Response::Checksum { hash, len, size, mtime } => Ok((hash, len, size, mtime)),
+            _ => Err(unexpected("Checksum")),
+        }
     }
+
     /// One lock request (the caller re-sends on `WouldBlock` when it wants to keep waiting).
     pub async fn lock(&self, fh: Fh, lock: LockSpec, wait: bool) -> Result<(), WireError> {
-        todo!("client")
+        self.exec(Request::Lock { fh, lock, wait }, Bytes::new()).await.map(drop)
     }
+
     pub async fn test_lock(&self, fh: Fh, lock: LockSpec) -> Result<Option<LockSpec>, WireError> {
-        todo!("client")
+        match self.exec(Request::TestLock { fh, lock }, Bytes::new()).await?.0 {
+            Response::LockTest(l) => Ok(l),
+            _ => Err(unexpected("TestLock")),
+        }
     }
+}
+
+/// Closes a server handle no one needs, without making anyone wait for it.
+fn close_in_background(conn: &Arc<Conn>, server: Fh) {
+    let conn = conn.clone();
+    tokio::spawn(async move {
+        let _ = conn.request(Request::Close { fh: server }, Bytes::new()).await;
+    });
 }
