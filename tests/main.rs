@@ -2,5 +2,10 @@
 mod concurrency;
 mod jail;
 mod login;
+mod mount_cli;
+mod mount_multi;
+mod mount_shell;
 mod ops;
 mod quota;
+mod mount_fsx;
+mod mount_model;

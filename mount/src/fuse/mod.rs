@@ -1,1 +1,18 @@
-//! What netmount needs: the FUSE file system over the client. OWNED BY: fuse.
+//! What netmount needs: the FUSE file system over the client, and how it is mounted.
+//!
+//! - [`options`]: the `-o` options.  - [`mountpoint`]: checks before mounting, and unmounting.
+//! - [`fs`]: `impl fuser::Filesystem`, thin adapters over [`ops`].
+//! - [`inodes`], [`cache`], [`handles`]: the state the adapters keep.  - [`attr`]: conversions.
+//! - [`session`]: building the state, mounting, running until unmounted.
+//! - [`daemon`]: going to the background once the mount is ready.
+
+pub mod attr;
+pub mod cache;
+pub mod daemon;
+pub mod fs;
+pub mod handles;
+pub mod inodes;
+pub mod mountpoint;
+pub mod ops;
+pub mod options;
+pub mod session;

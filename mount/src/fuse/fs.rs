@@ -1,0 +1,499 @@
+//! `impl fuser::Filesystem`: thin adapters only. Each callback copies its arguments, clones the
+//! `Arc<Remote>`, spawns a task on the one tokio runtime that owns the `Reply`, and returns; the
+//! work is in `ops.rs`. No callback blocks a FUSE thread on the network.
+
+use bytes::Bytes;
+use fuser::{
+    BsdFileFlags, CopyFileRangeFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation,
+    INodeNo, InitFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData,
+    ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyLock, ReplyOpen, ReplyStatfs, ReplyWrite, Request,
+    TimeOrNow, WriteFlags,
+};
+use homefs_shared::SetAttr;
+use std::ffi::OsStr;
+use std::future::Future;
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+use tokio::runtime::Handle;
+
+use super::attr::{file_type, set_time, BLOCK_SIZE};
+use super::ops::{lock_spec, Entry, Remote};
+
+/// Reads and writes of 1 MiB (`max_write`, and readahead as far as the kernel allows).
+pub const MAX_IO_BYTES: u32 = 1 << 20;
+/// Requests the kernel may queue in the background (readahead, async reads); matched to the
+/// client's in-flight cap so the kernel, not our memory, holds the excess.
+pub const MAX_BACKGROUND: u16 = 64;
+
+/// The FUSE side of one mount.
+pub struct HomeFs {
+    remote: Arc<Remote>,
+    rt: Handle,
+}
+
+impl HomeFs {
+    pub fn new(remote: Arc<Remote>, rt: Handle) -> HomeFs {
+        HomeFs { remote, rt }
+    }
+
+    fn ttl(&self) -> Duration {
+        self.remote.cache.ttl()
+    }
+
+    /// Runs `f` on the runtime with the shared state; the task owns the reply.
+    fn spawn<F, Fut>(&self, op: &'static str, f: F)
+    where
+        F: FnOnce(Arc<Remote>) -> Fut,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        tracing::debug!(op, "request");
+        self.rt.spawn(f(self.remote.clone()));
+    }
+}
+
+fn name_of(name: &OsStr) -> Vec<u8> {
+    name.as_bytes().to_vec()
+}
+
+fn reply_entry(reply: ReplyEntry, ttl: Duration, r: Result<Entry, Errno>) {
+    match r {
+        Ok((_, attr)) => reply.entry(&ttl, &attr, Generation(0)),
+        Err(e) => reply.error(e),
+    }
+}
+
+fn reply_empty(reply: ReplyEmpty, r: Result<(), Errno>) {
+    match r {
+        Ok(()) => reply.ok(),
+        Err(e) => reply.error(e),
+    }
+}
+
+/// A negative entry: inode 0 tells the kernel to cache the absence for `ttl`.
+fn negative_attr() -> FileAttr {
+    FileAttr {
+        ino: INodeNo(0),
+        size: 0,
+        blocks: 0,
+        atime: SystemTime::UNIX_EPOCH,
+        mtime: SystemTime::UNIX_EPOCH,
+        ctime: SystemTime::UNIX_EPOCH,
+        crtime: SystemTime::UNIX_EPOCH,
+        kind: FileType::RegularFile,
+        perm: 0,
+        nlink: 0,
+        uid: 0,
+        gid: 0,
+        rdev: 0,
+        blksize: BLOCK_SIZE,
+        flags: 0,
+    }
+}
+
+impl Filesystem for HomeFs {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        // Each is best effort: an older kernel without one still mounts, only slower.
+        let _ = config.set_max_write(MAX_IO_BYTES);
+        if let Err(max) = config.set_max_readahead(MAX_IO_BYTES) {
+            let _ = config.set_max_readahead(max);
+        }
+        let _ = config.set_max_background(MAX_BACKGROUND);
+        // No FUSE_WRITEBACK_CACHE: with it the kernel acknowledges writes before they reach
+        // the server, so a quota error could surface late or not at all, and close-to-open
+        // would depend on when the kernel flushes. Writes go through, 1 MiB at a time.
+        for flag in [
+            InitFlags::FUSE_ASYNC_READ,
+            InitFlags::FUSE_BIG_WRITES,
+            InitFlags::FUSE_MAX_PAGES,
+            InitFlags::FUSE_DO_READDIRPLUS,
+            InitFlags::FUSE_AUTO_INVAL_DATA,
+            InitFlags::FUSE_ATOMIC_O_TRUNC,
+            InitFlags::FUSE_PARALLEL_DIROPS,
+            InitFlags::FUSE_POSIX_LOCKS,
+            InitFlags::FUSE_FLOCK_LOCKS,
+        ] {
+            if config.add_capabilities(flag).is_err() {
+                tracing::debug!(?flag, "kernel lacks FUSE capability");
+            }
+        }
+        Ok(())
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let (name, ttl) = (name_of(name), self.ttl());
+        self.spawn("lookup", move |r| async move {
+            match r.lookup(parent.0, &name).await {
+                Ok(Some((_, attr))) => reply.entry(&ttl, &attr, Generation(0)),
+                Ok(None) if !ttl.is_zero() => reply.entry(&ttl, &negative_attr(), Generation(0)),
+                Ok(None) => reply.error(Errno::ENOENT),
+                Err(e) => reply.error(e),
+            }
+        });
+    }
+
+    fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
+        self.remote.inodes.forget(ino.0, nlookup);
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        let ttl = self.ttl();
+        self.spawn("getattr", move |r| async move {
+            match r.getattr(ino.0).await {
+                Ok(attr) => reply.attr(&ttl, &attr),
+                Err(e) => reply.error(e),
+            }
+        });
+    }
+
+    fn setattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
+        _ctime: Option<SystemTime>,
+        fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        let set =
+            SetAttr { mode: mode.map(|m| m & 0o7777), size, atime: atime.map(set_time), mtime: mtime.map(set_time) };
+        let ttl = self.ttl();
+        self.spawn("setattr", move |r| async move {
+            match r.setattr(ino.0, set, fh.map(|f| f.0), uid, gid).await {
+                Ok(attr) => reply.attr(&ttl, &attr),
+                Err(e) => reply.error(e),
+            }
+        });
+    }
+
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        self.spawn("readlink", move |r| async move {
+            match r.readlink(ino.0).await {
+                Ok(target) => reply.data(&target),
+                Err(e) => reply.error(e),
+            }
+        });
+    }
+
+    fn mknod(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        _umask: u32,
+        _rdev: u32,
+        reply: ReplyEntry,
+    ) {
+        let (name, ttl) = (name_of(name), self.ttl());
+        self.spawn("mknod", move |r| async move { reply_entry(reply, ttl, r.mknod(parent.0, &name, mode).await) });
+    }
+
+    fn mkdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, mode: u32, _umask: u32, reply: ReplyEntry) {
+        let (name, ttl) = (name_of(name), self.ttl());
+        self.spawn("mkdir", move |r| async move { reply_entry(reply, ttl, r.mkdir(parent.0, &name, mode).await) });
+    }
+
+    fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let name = name_of(name);
+        self.spawn("unlink", move |r| async move { reply_empty(reply, r.unlink(parent.0, &name).await) });
+    }
+
+    fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let name = name_of(name);
+        self.spawn("rmdir", move |r| async move { reply_empty(reply, r.rmdir(parent.0, &name).await) });
+    }
+
+    fn symlink(&self, _req: &Request, parent: INodeNo, link_name: &OsStr, target: &Path, reply: ReplyEntry) {
+        let (name, target, ttl) = (name_of(link_name), target.as_os_str().as_bytes().to_vec(), self.ttl());
+        self.spawn(
+            "symlink",
+            move |r| async move { reply_entry(reply, ttl, r.symlink(parent.0, &name, &target).await) },
+        );
+    }
+
+    fn rename(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        newparent: INodeNo,
+        newname: &OsStr,
+        flags: RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        let (name, newname, flags) = (name_of(name), name_of(newname), flags.bits());
+        self.spawn("rename", move |r| async move {
+            reply_empty(reply, r.rename(parent.0, &name, newparent.0, &newname, flags).await)
+        });
+    }
+
+    fn link(&self, _req: &Request, ino: INodeNo, newparent: INodeNo, newname: &OsStr, reply: ReplyEntry) {
+        let (newname, ttl) = (name_of(newname), self.ttl());
+        self.spawn("link", move |r| async move { reply_entry(reply, ttl, r.link(ino.0, newparent.0, &newname).await) });
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        self.spawn("open", move |r| async move {
+            match r.open(ino.0, flags.0).await {
+                Ok((fh, open_flags)) => reply.opened(FileHandle(fh), open_flags),
+                Err(e) => reply.error(e),
+            }
+        });
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        self.spawn("read", move |r| async move {
+            match r.read(fh.0, offset, size).await {
+                Ok(data) => reply.data(&data),
+                Err(e) => reply.error(e),
+            }
+        });
+    }
+
+    fn write(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        _write_flags: WriteFlags,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        // The one copy on the way out: the kernel's buffer is borrowed for this call only.
+        let data = Bytes::copy_from_slice(data);
+        self.spawn("write", move |r| async move {
+            match r.write(ino.0, fh.0, offset, data).await {
+                Ok(n) => reply.written(n),
+                Err(e) => reply.error(e),
+            }
+        });
+    }
+
+    fn flush(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, lock_owner: LockOwner, reply: ReplyEmpty) {
+        self.spawn("flush", move |r| async move { reply_empty(reply, r.flush(fh.0, lock_owner.0).await) });
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        // A flock owner (`FUSE_RELEASE_FLOCK_UNLOCK`) is among the owners recorded for the
+        // handle, so `release` unlocks it with the rest.
+        let _ = lock_owner;
+        self.spawn("release", move |r| async move { reply_empty(reply, r.release(fh.0).await) });
+    }
+
+    fn fsync(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, datasync: bool, reply: ReplyEmpty) {
+        self.spawn("fsync", move |r| async move { reply_empty(reply, r.fsync(fh.0, datasync).await) });
+    }
+
+    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        self.spawn("opendir", move |r| async move {
+            match r.opendir(ino.0).await {
+                Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
+                Err(e) => reply.error(e),
+            }
+        });
+    }
+
+    fn readdir(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
+        // Served from the snapshot taken at opendir: no network, so answered on this thread.
+        let Some(dir) = self.remote.handles.dir(fh.0) else { return reply.error(Errno::EBADF) };
+        let dots = [(dir.ino, FileType::Directory, &b"."[..]), (dir.parent_ino, FileType::Directory, &b".."[..])];
+        let all = dots.into_iter().chain(
+            dir.entries.iter().map(|e| (self.remote.inodes.fuse_ino(e.attr.ino), file_type(e.attr.kind), &e.name[..])),
+        );
+        for (i, (ino, kind, name)) in all.enumerate().skip(offset as usize) {
+            if reply.add(INodeNo(ino), i as u64 + 1, kind, OsStr::from_bytes(name)) {
+                break;
+            }
+        }
+        reply.ok();
+    }
+
+    fn readdirplus(&self, _req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectoryPlus) {
+        // From the snapshot: every entry carries its attributes, so `ls -l` needs no lookups.
+        let Some(dir) = self.remote.handles.dir(fh.0) else { return reply.error(Errno::EBADF) };
+        let Some(dir_path) = self.remote.inodes.path(ino.0) else { return reply.error(Errno::ESTALE) };
+        let (ttl, owner) = (self.ttl(), self.remote.owner);
+        let dir_attr = self.remote.inodes.last_attr(dir.ino);
+        let mut index = offset as usize;
+        // `.` and `..`: listed, never linked by the kernel, so they take no lookup.
+        while index < 2 {
+            let (dot_ino, name) = if index == 0 { (dir.ino, ".") } else { (dir.parent_ino, "..") };
+            let attr = match dir_attr {
+                Some(a) => owner.file_attr(dot_ino, &a),
+                None => FileAttr { ino: INodeNo(dot_ino), kind: FileType::Directory, perm: 0o755, ..negative_attr() },
+            };
+            if reply.add(INodeNo(dot_ino), index as u64 + 1, name, &ttl, &attr, Generation(0)) {
+                return reply.ok();
+            }
+            index += 1;
+        }
+        for (i, e) in dir.entries.iter().enumerate().skip(index - 2) {
+            let Ok(path) = dir_path.join(&e.name) else { continue };
+            let ino = self.remote.inodes.fuse_ino(e.attr.ino);
+            let attr = owner.file_attr(ino, &e.attr);
+            if reply.add(INodeNo(ino), i as u64 + 3, OsStr::from_bytes(&e.name), &ttl, &attr, Generation(0)) {
+                break;
+            }
+            // Added: the kernel counts this as a lookup of the entry.
+            self.remote.inodes.remember(&path, &e.attr);
+        }
+        reply.ok();
+    }
+
+    fn releasedir(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _flags: OpenFlags, reply: ReplyEmpty) {
+        self.remote.handles.close_dir(fh.0);
+        reply.ok();
+    }
+
+    fn fsyncdir(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+        // Directory changes are made by the server's syscalls as they come; nothing is pending.
+        reply.ok();
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        self.spawn("statfs", move |r| async move {
+            match r.statfs().await {
+                Ok(s) => {
+                    // The fragment size is the largest of 4096, 512 and 1 that divides the quota,
+                    // so `df -B1` shows it exactly.
+                    let frsize = [4096u64, 512, 1].into_iter().find(|f| s.total_bytes % f == 0).unwrap_or(1);
+                    let blocks = s.total_bytes / frsize;
+                    let bfree = s.total_bytes.saturating_sub(s.used_bytes) / frsize;
+                    let bavail = (s.free_bytes / frsize).min(bfree);
+                    let files = 1 << 24;
+                    let bsize = if s.block_size == 0 { BLOCK_SIZE } else { s.block_size };
+                    reply.statfs(blocks, bfree, bavail, files, files, bsize, s.max_name, frsize as u32);
+                }
+                Err(e) => reply.error(e),
+            }
+        });
+    }
+
+    fn create(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        _umask: u32,
+        flags: i32,
+        reply: ReplyCreate,
+    ) {
+        let (name, ttl) = (name_of(name), self.ttl());
+        self.spawn("create", move |r| async move {
+            match r.create(parent.0, &name, mode, flags).await {
+                Ok(((_, attr), fh)) => reply.created(&ttl, &attr, Generation(0), FileHandle(fh), FopenFlags::empty()),
+                Err(e) => reply.error(e),
+            }
+        });
+    }
+
+    fn getlk(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        lock_owner: LockOwner,
+        start: u64,
+        end: u64,
+        typ: i32,
+        pid: u32,
+        reply: ReplyLock,
+    ) {
+        let spec = match lock_spec(typ, start, end, lock_owner.0, pid) {
+            Ok(s) => s,
+            Err(e) => return reply.error(e),
+        };
+        self.spawn("getlk", move |r| async move {
+            match r.getlk(fh.0, spec).await {
+                Ok((start, end, typ, pid)) => reply.locked(start, end, typ, pid),
+                Err(e) => reply.error(e),
+            }
+        });
+    }
+
+    fn setlk(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        lock_owner: LockOwner,
+        start: u64,
+        end: u64,
+        typ: i32,
+        pid: u32,
+        sleep: bool,
+        reply: ReplyEmpty,
+    ) {
+        let spec = match lock_spec(typ, start, end, lock_owner.0, pid) {
+            Ok(s) => s,
+            Err(e) => return reply.error(e),
+        };
+        self.spawn("setlk", move |r| async move { reply_empty(reply, r.setlk(ino.0, fh.0, spec, sleep).await) });
+    }
+
+    fn copy_file_range(
+        &self,
+        _req: &Request,
+        _ino_in: INodeNo,
+        fh_in: FileHandle,
+        offset_in: u64,
+        ino_out: INodeNo,
+        fh_out: FileHandle,
+        offset_out: u64,
+        len: u64,
+        _flags: CopyFileRangeFlags,
+        reply: ReplyWrite,
+    ) {
+        self.spawn("copy_file_range", move |r| async move {
+            match r.copy_range(fh_in.0, offset_in, ino_out.0, fh_out.0, offset_out, len).await {
+                Ok(n) => reply.written(n),
+                Err(e) => reply.error(e),
+            }
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fuse::inodes::ROOT_INO;
+
+    #[test]
+    fn root_is_inode_one() {
+        assert_eq!(ROOT_INO, INodeNo::ROOT.0);
+    }
+}

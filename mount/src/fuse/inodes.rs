@@ -1,0 +1,235 @@
+//! The inode table: FUSE inode numbers <-> paths in the home (the server speaks paths), with the
+//! kernel's lookup counts, `forget`, and the path changes that rename and unlink make.
+//!
+//! A FUSE inode number is the server's `ino` (stable while the file exists), except that the
+//! home itself must be inode 1 for the kernel: the home's server ino and ino 1 swap places, which
+//! keeps the mapping one-to-one. Hard links share one inode and one entry; its path is the one
+//! most recently looked up.
+
+use homefs_shared::{Attr, WirePath};
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+/// The FUSE inode number of the mount's root.
+pub const ROOT_INO: u64 = 1;
+
+/// One inode the kernel knows about.
+#[derive(Debug, Clone)]
+struct Node {
+    /// A path that reaches it (the latest one looked up).
+    path: WirePath,
+    /// Lookups the kernel has not yet forgotten.
+    lookups: u64,
+    /// The attributes last seen from the server, kept past the cache TTL: `open` compares them
+    /// with fresh ones to decide whether the kernel's page cache is still good, and a file that
+    /// was unlinked while open answers `fstat` from them.
+    attr: Option<Attr>,
+    /// Its path was unlinked or replaced through this mount; it lives on only while open.
+    unlinked: bool,
+}
+
+/// Inode numbers and their paths. One short `std::sync::Mutex` section per call, never held
+/// across an `.await`.
+#[derive(Debug)]
+pub struct InodeTable {
+    /// The home's server inode number (swapped with [`ROOT_INO`]).
+    root_server_ino: u64,
+    /// Guards every node; keyed by FUSE inode number.
+    nodes: Mutex<HashMap<u64, Node>>,
+}
+
+impl InodeTable {
+    /// A table holding only the root, whose server attributes are `root`.
+    pub fn new(root: &Attr) -> InodeTable {
+        let mut nodes = HashMap::new();
+        let root_node = Node { path: WirePath::root(), lookups: 1, attr: Some(*root), unlinked: false };
+        nodes.insert(ROOT_INO, root_node);
+        InodeTable { root_server_ino: root.ino, nodes: Mutex::new(nodes) }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Node>> {
+        // A panic while holding this lock leaves plain data behind, still consistent enough
+        // to use: recover it rather than take the whole mount down.
+        self.nodes.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The FUSE inode number for a server inode number.
+    pub fn fuse_ino(&self, server_ino: u64) -> u64 {
+        if server_ino == self.root_server_ino {
+            ROOT_INO
+        } else if server_ino == ROOT_INO {
+            self.root_server_ino
+        } else {
+            server_ino
+        }
+    }
+
+    /// The path of an inode the kernel knows, if any.
+    pub fn path(&self, ino: u64) -> Option<WirePath> {
+        self.lock().get(&ino).map(|n| n.path.clone())
+    }
+
+    /// Whether the inode's path was unlinked through this mount.
+    pub fn is_unlinked(&self, ino: u64) -> bool {
+        self.lock().get(&ino).is_some_and(|n| n.unlinked)
+    }
+
+    /// The attributes last seen for the inode.
+    pub fn last_attr(&self, ino: u64) -> Option<Attr> {
+        self.lock().get(&ino).and_then(|n| n.attr)
+    }
+
+    /// Records fresh attributes of a known inode; returns the ones they replace.
+    pub fn update_attr(&self, ino: u64, attr: &Attr) -> Option<Attr> {
+        self.lock().get_mut(&ino).and_then(|n| n.attr.replace(*attr))
+    }
+
+    /// The kernel learned of `path` (lookup, create, mkdir, readdirplus...): one more lookup on
+    /// its inode, whose path and attributes are brought up to date. Returns the FUSE inode number.
+    pub fn remember(&self, path: &WirePath, attr: &Attr) -> u64 {
+        let ino = self.fuse_ino(attr.ino);
+        let mut nodes = self.lock();
+        let node =
+            nodes.entry(ino).or_insert_with(|| Node { path: path.clone(), lookups: 0, attr: None, unlinked: false });
+        if ino != ROOT_INO {
+            node.path = path.clone();
+            node.lookups += 1;
+        }
+        node.attr = Some(*attr);
+        node.unlinked = false;
+        ino
+    }
+
+    /// The kernel forgot `n` lookups of `ino`; the entry goes when none remain.
+    pub fn forget(&self, ino: u64, n: u64) {
+        if ino == ROOT_INO {
+            return;
+        }
+        let mut nodes = self.lock();
+        if let Some(node) = nodes.get_mut(&ino) {
+            node.lookups = node.lookups.saturating_sub(n);
+            if node.lookups == 0 {
+                nodes.remove(&ino);
+            }
+        }
+    }
+
+    /// `path` was unlinked or removed through this mount.
+    pub fn unlinked(&self, path: &WirePath) {
+        for node in self.lock().values_mut() {
+            if node.path == *path {
+                node.unlinked = true;
+            }
+        }
+    }
+
+    /// `from` was renamed to `to` (which it replaced, if it existed): paths at or below `from`
+    /// move below `to`.
+    pub fn renamed(&self, from: &WirePath, to: &WirePath) {
+        let mut nodes = self.lock();
+        for node in nodes.values_mut() {
+            if is_within(&node.path, to) && !is_within(&node.path, from) {
+                node.unlinked = true;
+            }
+        }
+        for node in nodes.values_mut() {
+            if let Some(moved) = rebase(&node.path, from, to) {
+                node.path = moved;
+            }
+        }
+    }
+
+    /// `a` and `b` were swapped (`RENAME_EXCHANGE`).
+    pub fn exchanged(&self, a: &WirePath, b: &WirePath) {
+        for node in self.lock().values_mut() {
+            if let Some(moved) = rebase(&node.path, a, b) {
+                node.path = moved;
+            } else if let Some(moved) = rebase(&node.path, b, a) {
+                node.path = moved;
+            }
+        }
+    }
+
+    /// How many inodes the kernel holds (for tests and the debug log).
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    /// Whether only the root is known.
+    pub fn is_empty(&self) -> bool {
+        self.len() <= 1
+    }
+}
+
+/// Whether `path` is `dir` or below it.
+fn is_within(path: &WirePath, dir: &WirePath) -> bool {
+    if dir.is_root() {
+        return true;
+    }
+    let (p, d) = (path.as_bytes(), dir.as_bytes());
+    p.starts_with(d) && (p.len() == d.len() || p[d.len()] == b'/')
+}
+
+/// `path` with its prefix `from` replaced by `to`, if it lies within `from`.
+fn rebase(path: &WirePath, from: &WirePath, to: &WirePath) -> Option<WirePath> {
+    if from.is_root() || !is_within(path, from) {
+        return None;
+    }
+    let rest = &path.as_bytes()[from.as_bytes().len()..];
+    let mut bytes = to.as_bytes().to_vec();
+    bytes.extend_from_slice(rest);
+    WirePath::new(bytes).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use homefs_shared::{FileKind, Timestamp};
+
+    fn attr(ino: u64) -> Attr {
+        let t = Timestamp::default();
+        Attr { ino, kind: FileKind::File, perm: 0o644, nlink: 1, size: 0, blocks: 0, atime: t, mtime: t, ctime: t }
+    }
+    fn p(s: &str) -> WirePath {
+        WirePath::new(s).unwrap()
+    }
+
+    #[test]
+    fn root_swaps_with_ino_one() {
+        let t = InodeTable::new(&attr(77));
+        assert_eq!(t.fuse_ino(77), ROOT_INO);
+        assert_eq!(t.fuse_ino(1), 77);
+        assert_eq!(t.fuse_ino(5), 5);
+        assert_eq!(t.path(ROOT_INO), Some(WirePath::root()));
+    }
+
+    #[test]
+    fn lookups_and_forget() {
+        let t = InodeTable::new(&attr(77));
+        assert_eq!(t.remember(&p("a"), &attr(5)), 5);
+        assert_eq!(t.remember(&p("a"), &attr(5)), 5);
+        t.forget(5, 1);
+        assert_eq!(t.path(5), Some(p("a")));
+        t.forget(5, 1);
+        assert_eq!(t.path(5), None);
+        t.forget(ROOT_INO, 10);
+        assert!(t.path(ROOT_INO).is_some());
+    }
+
+    #[test]
+    fn rename_moves_subtrees_and_marks_replaced() {
+        let t = InodeTable::new(&attr(77));
+        t.remember(&p("d"), &attr(2));
+        t.remember(&p("d/x"), &attr(3));
+        t.remember(&p("dx"), &attr(4));
+        t.remember(&p("e"), &attr(5));
+        t.renamed(&p("d"), &p("e"));
+        assert_eq!(t.path(2), Some(p("e")));
+        assert_eq!(t.path(3), Some(p("e/x")));
+        assert_eq!(t.path(4), Some(p("dx")));
+        assert!(t.is_unlinked(5) && !t.is_unlinked(2));
+        t.exchanged(&p("e/x"), &p("dx"));
+        assert_eq!(t.path(3), Some(p("dx")));
+        assert_eq!(t.path(4), Some(p("e/x")));
+    }
+}

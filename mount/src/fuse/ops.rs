@@ -1,0 +1,500 @@
+//! What each FUSE request does against the server: resolve the inode to a path, answer from the
+//! cache when it is fresh, else call the client, then keep the inode table and the cache up to
+//! date. Every function returns `Result<_, Errno>`; `fs.rs` only turns that into a reply.
+//!
+//! Nothing here waits without a bound: every client call is bounded by the client's reconnect
+//! timeout, and a blocking lock re-sends only while the process that asked for it is alive.
+
+use bytes::Bytes;
+use fuser::{Errno, FileAttr, FopenFlags, INodeNo, Notifier};
+use homefs_shared::{
+    Attr, ErrorCode, Fh, LockKind, LockSpec, OpenFlags, RenameFlags, SetAttr, StatFs, WireError, WirePath,
+};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use super::attr::Owner;
+use super::cache::{AttrCache, Cached};
+use super::handles::{DirSnapshot, Handles};
+use super::inodes::{InodeTable, ROOT_INO};
+use crate::client::Client;
+
+/// The kernel's "to the end of the file" for a lock range (`OFFSET_MAX`).
+const OFFSET_MAX: u64 = i64::MAX as u64;
+/// The most one `copy_file_range` request copies: the kernel's reply holds a `u32`, and a
+/// caller such as `cp` loops until all is copied.
+const MAX_COPY_BYTES: u64 = 1 << 30;
+/// A blocking lock whose wait the server answered sooner than this is re-sent only after this
+/// long, so a server that does not wait cannot make us spin.
+const LOCK_RETRY_PACE: Duration = Duration::from_millis(100);
+/// How long a lock reply waits for the kernel to drop the file's cached pages.
+const LOCK_INVALIDATE_TIMEOUT: Duration = Duration::from_secs(5);
+
+pub type R<T> = Result<T, Errno>;
+
+/// The errno for a server error (through the one table, `ErrorCode::errno`).
+pub fn errno(e: &WireError) -> Errno {
+    Errno::from_i32(e.code.errno())
+}
+
+fn code_errno(c: ErrorCode) -> Errno {
+    Errno::from_i32(c.errno())
+}
+
+/// An entry for the kernel: FUSE inode and attributes.
+pub type Entry = (u64, FileAttr);
+
+/// The state behind every request of one mount.
+pub struct Remote {
+    pub client: Client,
+    pub inodes: InodeTable,
+    pub cache: AttrCache,
+    pub handles: Handles,
+    pub owner: Owner,
+    pub read_only: bool,
+    /// Set once the session exists; used to drop the kernel's cached attributes of a file that
+    /// changed elsewhere (close-to-open).
+    pub notifier: OnceLock<Notifier>,
+}
+
+impl Remote {
+    fn path(&self, ino: u64) -> R<WirePath> {
+        self.inodes.path(ino).ok_or(Errno::ESTALE)
+    }
+
+    fn child(&self, parent: u64, name: &[u8]) -> R<WirePath> {
+        self.path(parent)?.join(name).map_err(|e| code_errno(e.code()))
+    }
+
+    /// The error for a request on a path the kernel believed in: `NotFound` means its dentry
+    /// is stale (the file was removed or replaced through another mount within the TTL), so we
+    /// answer `ESTALE`, on which the VFS walks the path again with `LOOKUP_REVAL`, a fresh
+    /// lookup, and the caller sees the file as it is now.
+    fn gone_or(&self, path: &WirePath, e: &WireError) -> Errno {
+        if e.code == ErrorCode::NotFound {
+            self.cache.invalidate(path);
+            Errno::ESTALE
+        } else {
+            errno(e)
+        }
+    }
+
+    /// A directory's entries changed through us: its own mtime, ctime and size did too.
+    fn dir_changed(&self, dir: u64) {
+        if let Some(p) = self.inodes.path(dir) {
+            self.cache.invalidate(&p);
+        }
+    }
+
+    fn writable(&self) -> R<()> {
+        if self.read_only {
+            Err(Errno::EROFS)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// The kernel now knows `path`: one more lookup, cached attributes.
+    fn entry(&self, path: &WirePath, attr: &Attr) -> Entry {
+        self.cache.put(path, attr);
+        let ino = self.inodes.remember(path, attr);
+        (ino, self.owner.file_attr(ino, attr))
+    }
+
+    /// `lookup`: `None` is a negative entry (the kernel caches the absence for one TTL).
+    pub async fn lookup(&self, parent: u64, name: &[u8]) -> R<Option<Entry>> {
+        let path = self.child(parent, name)?;
+        match self.cache.get(&path) {
+            Some(Cached::Present(a)) => return Ok(Some(self.entry(&path, &a))),
+            Some(Cached::Absent) => return Ok(None),
+            None => {}
+        }
+        match self.client.stat(&path).await {
+            Ok(a) => Ok(Some(self.entry(&path, &a))),
+            Err(e) if e.code == ErrorCode::NotFound => {
+                self.cache.put_absent(&path);
+                Ok(None)
+            }
+            Err(e) => Err(errno(&e)),
+        }
+    }
+
+    /// `getattr`. A file unlinked while open answers from its last known attributes.
+    pub async fn getattr(&self, ino: u64) -> R<FileAttr> {
+        let path = self.path(ino)?;
+        if let Some(Cached::Present(a)) = self.cache.get(&path) {
+            return Ok(self.owner.file_attr(ino, &a));
+        }
+        match self.client.stat(&path).await {
+            Ok(a) if ino == ROOT_INO || self.inodes.fuse_ino(a.ino) == ino => {
+                self.cache.put(&path, &a);
+                self.inodes.update_attr(ino, &a);
+                Ok(self.owner.file_attr(ino, &a))
+            }
+            // The path now names another file (replaced elsewhere), or none: ours is gone.
+            Ok(_) | Err(WireError { code: ErrorCode::NotFound, .. }) => match self.inodes.last_attr(ino) {
+                Some(mut a) if self.inodes.is_unlinked(ino) => {
+                    a.nlink = 0;
+                    Ok(self.owner.file_attr(ino, &a))
+                }
+                // Removed or replaced elsewhere: the kernel's dentry is stale.
+                _ => {
+                    self.cache.invalidate(&path);
+                    Err(Errno::ESTALE)
+                }
+            },
+            Err(e) => Err(errno(&e)),
+        }
+    }
+
+    /// `setattr`: mode, size and times (ownership cannot change: every file is the user's).
+    pub async fn setattr(
+        &self,
+        ino: u64,
+        set: SetAttr,
+        fh: Option<u64>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+    ) -> R<FileAttr> {
+        if uid.is_some_and(|u| u != self.owner.uid) || gid.is_some_and(|g| g != self.owner.gid) {
+            return Err(Errno::EPERM);
+        }
+        let path = self.path(ino)?;
+        if set == SetAttr::default() {
+            return self.getattr(ino).await;
+        }
+        self.writable()?;
+        let a = self.client.setattr(&path, fh.map(Fh), set).await.map_err(|e| errno(&e))?;
+        self.cache.put(&path, &a);
+        self.inodes.update_attr(ino, &a);
+        Ok(self.owner.file_attr(ino, &a))
+    }
+
+    pub async fn mkdir(&self, parent: u64, name: &[u8], mode: u32) -> R<Entry> {
+        self.writable()?;
+        let path = self.child(parent, name)?;
+        let result = self.client.mkdir(&path, mode & 0o7777).await;
+        self.dir_changed(parent);
+        let a = result.map_err(|e| errno(&e))?;
+        Ok(self.entry(&path, &a))
+    }
+
+    /// `mknod`: regular files only (what `mkfifo` and device nodes would need, a home has no use for).
+    pub async fn mknod(&self, parent: u64, name: &[u8], mode: u32) -> R<Entry> {
+        self.writable()?;
+        if mode & libc::S_IFMT != libc::S_IFREG && mode & libc::S_IFMT != 0 {
+            return Err(Errno::EPERM);
+        }
+        let path = self.child(parent, name)?;
+        let flags = OpenFlags { write: true, create: true, exclusive: true, ..OpenFlags::default() };
+        let result = self.client.open(&path, flags, mode & 0o7777).await;
+        self.dir_changed(parent);
+        let (fh, a) = result.map_err(|e| errno(&e))?;
+        self.client.close(fh).await.map_err(|e| errno(&e))?;
+        Ok(self.entry(&path, &a))
+    }
+
+    pub async fn unlink(&self, parent: u64, name: &[u8]) -> R<()> {
+        let path = self.child(parent, name)?;
+        let result = self.client.unlink(&path).await;
+        self.cache.invalidate(&path);
+        self.dir_changed(parent);
+        result.map_err(|e| errno(&e))?;
+        self.inodes.unlinked(&path);
+        Ok(())
+    }
+
+    pub async fn rmdir(&self, parent: u64, name: &[u8]) -> R<()> {
+        let path = self.child(parent, name)?;
+        let result = self.client.rmdir(&path).await;
+        self.cache.invalidate_tree(&path);
+        self.dir_changed(parent);
+        result.map_err(|e| errno(&e))?;
+        self.inodes.unlinked(&path);
+        Ok(())
+    }
+
+    pub async fn rename(&self, parent: u64, name: &[u8], new_parent: u64, new_name: &[u8], flags: u32) -> R<()> {
+        let from = self.child(parent, name)?;
+        let to = self.child(new_parent, new_name)?;
+        let flags = RenameFlags {
+            noreplace: flags & libc::RENAME_NOREPLACE != 0,
+            exchange: flags & libc::RENAME_EXCHANGE != 0,
+        };
+        if flags.noreplace && flags.exchange {
+            return Err(Errno::EINVAL);
+        }
+        let result = self.client.rename(&from, &to, flags).await;
+        self.cache.invalidate_tree(&from);
+        self.cache.invalidate_tree(&to);
+        self.dir_changed(parent);
+        self.dir_changed(new_parent);
+        result.map_err(|e| errno(&e))?;
+        if flags.exchange {
+            self.inodes.exchanged(&from, &to);
+        } else {
+            self.inodes.renamed(&from, &to);
+        }
+        Ok(())
+    }
+
+    pub async fn symlink(&self, parent: u64, name: &[u8], target: &[u8]) -> R<Entry> {
+        self.writable()?;
+        let path = self.child(parent, name)?;
+        let result = self.client.symlink(target, &path).await;
+        self.dir_changed(parent);
+        let a = result.map_err(|e| errno(&e))?;
+        Ok(self.entry(&path, &a))
+    }
+
+    pub async fn link(&self, ino: u64, new_parent: u64, new_name: &[u8]) -> R<Entry> {
+        self.writable()?;
+        let from = self.path(ino)?;
+        let to = self.child(new_parent, new_name)?;
+        let result = self.client.link(&from, &to).await;
+        self.dir_changed(new_parent);
+        let a = result.map_err(|e| errno(&e))?;
+        // The link count changed for every name of the file.
+        self.cache.invalidate(&from);
+        Ok(self.entry(&to, &a))
+    }
+
+    pub async fn readlink(&self, ino: u64) -> R<Vec<u8>> {
+        let path = self.path(ino)?;
+        self.client.readlink(&path).await.map_err(|e| errno(&e))
+    }
+
+    /// `open`: a fresh open on the server is also the close-to-open revalidation. When the file
+    /// is as we last saw it the kernel keeps its page cache; when not, its pages are dropped
+    /// (no `FOPEN_KEEP_CACHE`) and so are its cached attributes, so the new size is seen too.
+    pub async fn open(&self, ino: u64, flags: i32) -> R<(u64, FopenFlags)> {
+        let open_flags = open_flags(flags);
+        if open_flags.write || open_flags.truncate {
+            self.writable()?;
+        }
+        let path = self.path(ino)?;
+        let (fh, a) = match self.client.open(&path, open_flags, 0).await {
+            Ok(opened) => opened,
+            Err(e) => return Err(self.gone_or(&path, &e)),
+        };
+        self.cache.put(&path, &a);
+        let before = self.inodes.update_attr(ino, &a);
+        let unchanged = before.is_some_and(|b| b.mtime == a.mtime && b.size == a.size && b.ino == a.ino);
+        if unchanged {
+            return Ok((fh.0, FopenFlags::FOPEN_KEEP_CACHE));
+        }
+        if let Some(n) = self.notifier.get() {
+            // Attributes only (offset < 0): no page is touched, so this cannot wait on a page
+            // lock held by a request we have yet to answer. ENOENT (the kernel dropped the
+            // inode meanwhile) is fine.
+            let _ = n.inval_inode(INodeNo(ino), -1, 0);
+        }
+        Ok((fh.0, FopenFlags::empty()))
+    }
+
+    pub async fn create(&self, parent: u64, name: &[u8], mode: u32, flags: i32) -> R<(Entry, u64)> {
+        self.writable()?;
+        let path = self.child(parent, name)?;
+        let mut open_flags = open_flags(flags);
+        open_flags.create = true;
+        let result = self.client.open(&path, open_flags, mode & 0o7777).await;
+        self.dir_changed(parent);
+        let (fh, a) = result.map_err(|e| errno(&e))?;
+        Ok((self.entry(&path, &a), fh.0))
+    }
+
+    pub async fn read(&self, fh: u64, offset: u64, size: u32) -> R<Bytes> {
+        let (data, _size) = self.client.read(Fh(fh), offset, size).await.map_err(|e| errno(&e))?;
+        Ok(data)
+    }
+
+    pub async fn write(&self, ino: u64, fh: u64, offset: u64, data: Bytes) -> R<u32> {
+        self.writable()?;
+        let len = data.len() as u32;
+        let result = self.client.write(Fh(fh), offset, data).await;
+        if let Some(path) = self.inodes.path(ino) {
+            self.cache.invalidate(&path);
+        }
+        result.map_err(|e| errno(&e))?;
+        Ok(len)
+    }
+
+    /// `flush` (each `close`): writes are not buffered here, so what remains is releasing the
+    /// POSIX locks of the closing owner, if it took any through this handle.
+    pub async fn flush(&self, fh: u64, lock_owner: u64) -> R<()> {
+        if self.handles.take_lock_owner(fh, lock_owner) {
+            self.unlock_all(fh, lock_owner).await?;
+        }
+        Ok(())
+    }
+
+    /// `release` (the last close): locks still held through the handle go, then the handle.
+    pub async fn release(&self, fh: u64) -> R<()> {
+        for owner in self.handles.take_all_lock_owners(fh) {
+            if let Err(e) = self.unlock_all(fh, owner).await {
+                tracing::debug!(fh, owner, error = ?e, "unlock at release failed");
+            }
+        }
+        self.client.close(Fh(fh)).await.map_err(|e| errno(&e))
+    }
+
+    async fn unlock_all(&self, fh: u64, owner: u64) -> R<()> {
+        let spec = LockSpec { kind: LockKind::Unlock, start: 0, end: u64::MAX, owner, pid: 0, flock: false };
+        self.client.lock(Fh(fh), spec, false).await.map_err(|e| errno(&e))
+    }
+
+    pub async fn fsync(&self, fh: u64, datasync: bool) -> R<()> {
+        self.client.fsync(Fh(fh), datasync).await.map_err(|e| errno(&e))
+    }
+
+    /// `opendir`: the whole listing, with attributes, is taken now (one round trip per page) and
+    /// served from memory at stable offsets.
+    pub async fn opendir(&self, ino: u64) -> R<u64> {
+        let path = self.path(ino)?;
+        let entries = self.client.read_dir(&path).await.map_err(|e| errno(&e))?;
+        for e in &entries {
+            if let Ok(p) = path.join(&e.name) {
+                self.cache.put(&p, &e.attr);
+            }
+        }
+        Ok(self.handles.open_dir(DirSnapshot { ino, parent_ino: ino, entries }))
+    }
+
+    pub async fn statfs(&self) -> R<StatFs> {
+        self.client.statfs().await.map_err(|e| errno(&e))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub async fn copy_range(
+        &self,
+        fh_in: u64,
+        offset_in: u64,
+        ino_out: u64,
+        fh_out: u64,
+        offset_out: u64,
+        len: u64,
+    ) -> R<u32> {
+        self.writable()?;
+        let len = len.min(MAX_COPY_BYTES);
+        let result = self.client.copy_range(Fh(fh_in), offset_in, Fh(fh_out), offset_out, len).await;
+        if let Some(path) = self.inodes.path(ino_out) {
+            self.cache.invalidate(&path);
+        }
+        let copied = result.map_err(|e| errno(&e))?;
+        Ok(copied.min(MAX_COPY_BYTES) as u32)
+    }
+
+    /// `getlk`: the conflicting lock as `(start, end, type, pid)`, `F_UNLCK` when none.
+    pub async fn getlk(&self, fh: u64, spec: LockSpec) -> R<(u64, u64, i32, u32)> {
+        match self.client.test_lock(Fh(fh), spec).await.map_err(|e| errno(&e))? {
+            None => Ok((0, 0, libc::F_UNLCK, 0)),
+            Some(l) => {
+                let typ = match l.kind {
+                    LockKind::Read => libc::F_RDLCK,
+                    LockKind::Write => libc::F_WRLCK,
+                    LockKind::Unlock => libc::F_UNLCK,
+                };
+                Ok((l.start, kernel_end(l.end), typ, l.pid))
+            }
+        }
+    }
+
+    /// `setlk`: a blocking request re-sends while the server answers `WouldBlock` after its own
+    /// bounded wait, until granted or the waiting process is gone. (fuser does not pass
+    /// `FUSE_INTERRUPT` on; a fatal signal still ends the waiter, and we notice it here.)
+    pub async fn setlk(&self, ino: u64, fh: u64, spec: LockSpec, sleep: bool) -> R<()> {
+        loop {
+            let asked = Instant::now();
+            match self.client.lock(Fh(fh), spec, sleep).await {
+                Ok(()) => {
+                    if spec.kind != LockKind::Unlock {
+                        self.handles.add_lock_owner(fh, spec.owner);
+                        self.drop_cached_pages(ino).await;
+                    }
+                    return Ok(());
+                }
+                Err(e) if sleep && e.code == ErrorCode::WouldBlock => {
+                    if !is_alive(spec.pid) {
+                        return Err(Errno::EINTR);
+                    }
+                    let waited = asked.elapsed();
+                    if waited < LOCK_RETRY_PACE {
+                        tokio::time::sleep(LOCK_RETRY_PACE - waited).await;
+                    }
+                }
+                Err(e) => return Err(errno(&e)),
+            }
+        }
+    }
+}
+
+impl Remote {
+    /// A lock was granted: what the kernel cached of the file may predate another mount's
+    /// writes under the previous holder, so its pages and attributes go (as NFS does on lock).
+    /// The kernel may wait on a page lock held by a read we are about to answer, so this runs
+    /// on the blocking pool, never on a runtime worker.
+    async fn drop_cached_pages(&self, ino: u64) {
+        let Some(n) = self.notifier.get().cloned() else { return };
+        let done = tokio::task::spawn_blocking(move || n.inval_inode(INodeNo(ino), 0, 0));
+        if let Err(e) = tokio::time::timeout(LOCK_INVALIDATE_TIMEOUT, done).await {
+            tracing::warn!(ino, error = %e, "page cache invalidation after lock took too long");
+        }
+    }
+}
+
+/// A lock request from the kernel in wire form. `flock(2)` locks arrive here as whole-file
+/// POSIX locks whose owner is the open file (the kernel emulates them so, and fuser does not
+/// pass `FUSE_LK_FLOCK` on), which gives them flock's semantics between owners.
+pub fn lock_spec(typ: i32, start: u64, end: u64, owner: u64, pid: u32) -> R<LockSpec> {
+    let kind = match typ {
+        libc::F_RDLCK => LockKind::Read,
+        libc::F_WRLCK => LockKind::Write,
+        libc::F_UNLCK => LockKind::Unlock,
+        _ => return Err(Errno::EINVAL),
+    };
+    let end = if end >= OFFSET_MAX { u64::MAX } else { end };
+    Ok(LockSpec { kind, start, end, owner, pid, flock: false })
+}
+
+fn kernel_end(end: u64) -> u64 {
+    end.min(OFFSET_MAX)
+}
+
+fn is_alive(pid: u32) -> bool {
+    pid == 0 || std::path::Path::new(&format!("/proc/{pid}")).exists()
+}
+
+/// Open flags in wire form.
+pub fn open_flags(flags: i32) -> OpenFlags {
+    let acc = flags & libc::O_ACCMODE;
+    OpenFlags {
+        read: acc == libc::O_RDONLY || acc == libc::O_RDWR,
+        write: acc == libc::O_WRONLY || acc == libc::O_RDWR,
+        append: flags & libc::O_APPEND != 0,
+        create: flags & libc::O_CREAT != 0,
+        exclusive: flags & libc::O_EXCL != 0,
+        truncate: flags & libc::O_TRUNC != 0,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn open_flags_map() {
+        let f = open_flags(libc::O_WRONLY | libc::O_APPEND);
+        assert!(f.write && !f.read && f.append && !f.truncate);
+        let f = open_flags(libc::O_RDWR | libc::O_CREAT | libc::O_EXCL | libc::O_TRUNC);
+        assert!(f.read && f.write && f.create && f.exclusive && f.truncate);
+        assert!(open_flags(libc::O_RDONLY).read);
+    }
+
+    #[test]
+    fn lock_ranges_map() {
+        let l = lock_spec(libc::F_WRLCK, 0, OFFSET_MAX, 7, 1).unwrap();
+        assert_eq!((l.kind, l.end, l.owner), (LockKind::Write, u64::MAX, 7));
+        assert_eq!(kernel_end(u64::MAX), OFFSET_MAX);
+        assert_eq!(lock_spec(99, 0, 1, 0, 0), Err(Errno::EINVAL));
+    }
+}

@@ -1,0 +1,163 @@
+//! Several mounts at once: two users isolated, close-to-open between two mounts of one user,
+//! flock and fcntl (sqlite) locks across mounts, and a server restarted under a live mount.
+
+use homefs_tests::mount::{fuse_available, wait_until, TestMount, PASSWORD};
+use homefs_tests::{hash, TestServer};
+use std::fs;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+/// A server with alice mounted twice (as on two machines).
+fn alice_twice(name: &str) -> Option<(TestServer, TestMount, TestMount)> {
+    if !fuse_available(name) {
+        return None;
+    }
+    let server = TestServer::start(name);
+    server.add_user("alice", PASSWORD, None);
+    let a = TestMount::new(&server, "alice", PASSWORD, "");
+    let b = TestMount::new(&server, "alice", PASSWORD, "");
+    Some((server, a, b))
+}
+
+#[test]
+fn mount_two_users_are_isolated() {
+    if !fuse_available("mount_two_users_are_isolated") {
+        return;
+    }
+    let server = TestServer::start("mount_two_users_are_isolated");
+    server.add_user("alice", PASSWORD, None);
+    server.add_user("bob", "bobs password", None);
+    let a = TestMount::new(&server, "alice", PASSWORD, "");
+    let b = TestMount::new(&server, "bob", "bobs password", "");
+    a.sh_ok("echo alice > mine");
+    b.sh_ok("echo bob > mine");
+    assert_eq!(a.sh_ok("cat mine"), "alice\n");
+    assert_eq!(b.sh_ok("cat mine"), "bob\n");
+    assert_eq!(b.sh_ok("ls -A"), "mine\n");
+    b.sh_ok("mkdir sub && cd sub && ls -A .. > ../listing");
+    assert_eq!(b.sh_ok("cat listing"), "listing\nmine\nsub\n", "bob's tree has only bob's files");
+    assert_eq!(fs::read(server.home_path("alice").join("mine")).unwrap(), b"alice\n");
+}
+
+#[test]
+fn mount_close_to_open_between_mounts() {
+    let Some((_server, a, b)) = alice_twice("mount_close_to_open_between_mounts") else { return };
+    a.sh_ok("echo first > f");
+    assert_eq!(b.sh_ok("cat f"), "first\n");
+    // Rewritten and grown on A: B's next open sees it at once (no waiting for a TTL).
+    a.sh_ok("echo 'second, and longer' > f");
+    assert_eq!(b.sh_ok("cat f"), "second, and longer\n");
+    a.sh_ok("echo third >> f");
+    assert_eq!(hash(&fs::read(b.join("f")).unwrap()), hash(b"second, and longer\nthird\n"));
+}
+
+#[test]
+fn mount_flock_across_mounts() {
+    let Some((_server, a, b)) = alice_twice("mount_flock_across_mounts") else { return };
+    a.sh_ok("touch lockfile");
+    // A holds the lock until told to let go (a file appears); it says when it holds it.
+    let mut holder = Command::new("flock")
+        .arg(a.join("lockfile"))
+        .args(["-c", "touch held; while [ ! -e release ]; do sleep 0.02; done"])
+        .current_dir(&a.path)
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_until(Duration::from_secs(30), "mount A to take the flock", || a.join("held").exists());
+    let out = b.sh("flock -n lockfile -c true");
+    assert!(!out.status.success(), "flock -n from mount B must fail while A holds the lock");
+    fs::write(a.join("release"), b"").unwrap();
+    let status = holder.wait().unwrap();
+    assert!(status.success());
+    b.sh_ok("flock -n lockfile -c true");
+    // A blocking flock on B waits for A and then gets the lock.
+    a.sh_ok("rm release held");
+    let mut holder = Command::new("flock")
+        .arg(a.join("lockfile"))
+        .args(["-c", "touch held; while [ ! -e release ]; do sleep 0.02; done"])
+        .current_dir(&a.path)
+        .spawn()
+        .unwrap();
+    wait_until(Duration::from_secs(30), "mount A to take the flock again", || a.join("held").exists());
+    let mut waiter = Command::new("flock")
+        .arg(b.join("lockfile"))
+        .args(["-c", "touch got-it"])
+        .current_dir(&b.path)
+        .spawn()
+        .unwrap();
+    fs::write(a.join("release"), b"").unwrap();
+    assert!(holder.wait().unwrap().success());
+    assert!(waiter.wait().unwrap().success());
+    assert!(b.join("got-it").exists());
+}
+
+#[test]
+fn mount_sqlite_writers_on_two_mounts() {
+    let Some((_server, a, b)) = alice_twice("mount_sqlite_writers_on_two_mounts") else { return };
+    a.sh_ok("sqlite3 db 'create table t(who text, n int);'");
+    const ROWS: usize = 40;
+    let writer = |m: &TestMount, who: &str| {
+        let script = format!(
+            "i=0; while [ $i -lt {ROWS} ]; do \
+               sqlite3 -cmd '.timeout 30000' db \"begin immediate; insert into t values('{who}', $i); commit;\" || exit 1; \
+               i=$((i+1)); done"
+        );
+        Command::new("sh").arg("-c").arg(script).current_dir(&m.path).spawn().unwrap()
+    };
+    let (mut wa, mut wb) = (writer(&a, "a"), writer(&b, "b"));
+    assert!(wa.wait().unwrap().success(), "writer on mount A");
+    assert!(wb.wait().unwrap().success(), "writer on mount B");
+    assert_eq!(
+        b.sh_ok("sqlite3 db 'pragma integrity_check; select count(*) from t; select count(distinct n) from t;'"),
+        format!("ok\n{}\n{ROWS}\n", 2 * ROWS)
+    );
+    // fcntl locks are really shared: a write lock held on A makes B's writer wait, not corrupt.
+    assert_eq!(a.sh_ok("sqlite3 db 'pragma integrity_check;'"), "ok\n");
+}
+
+#[test]
+fn mount_survives_server_restart() {
+    if !fuse_available("mount_survives_server_restart") {
+        return;
+    }
+    let mut server = TestServer::start("mount_survives_server_restart");
+    server.add_user("alice", PASSWORD, None);
+    let m = TestMount::new(&server, "alice", PASSWORD, "");
+    let data: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+    fs::write(m.join("before.bin"), &data).unwrap();
+    server.restart();
+    // The first calls wait for the reconnect (bounded by reconnect_timeout), then work.
+    assert_eq!(hash(&fs::read(m.join("before.bin")).unwrap()), hash(&data), "earlier file intact");
+    m.sh_ok("echo after > after.txt && mkdir d && mv after.txt d/");
+    assert_eq!(fs::read(server.home_path("alice").join("d/after.txt")).unwrap(), b"after\n");
+    m.unmount();
+}
+
+#[test]
+fn mount_outage_fails_within_reconnect_timeout() {
+    if !fuse_available("mount_outage_fails_within_reconnect_timeout") {
+        return;
+    }
+    let mut server = TestServer::start("mount_outage_fails_within_reconnect_timeout");
+    server.add_user("alice", PASSWORD, None);
+    let m = TestMount::new(&server, "alice", PASSWORD, "reconnect_timeout=2,cache_ttl=0");
+    m.sh_ok("echo kept > kept");
+    server.stop();
+    // A call during the outage waits for the connection up to the bound, then fails.
+    let started = std::time::Instant::now();
+    let mut stat = Command::new("stat");
+    stat.arg(m.join("never-seen-before"));
+    let out = homefs_tests::mount::output_within(stat, Duration::from_secs(60), "stat during the outage");
+    let waited = started.elapsed();
+    assert!(!out.status.success(), "stat cannot succeed with the server down");
+    assert!(waited < Duration::from_secs(20), "the outage wait is bounded (took {waited:?})");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("Input/output error") || err.contains("timed out") || err.contains("not connected"),
+        "fails with an I/O error: {err}"
+    );
+    // Back again: the mount recovers by itself.
+    server.start_again();
+    assert_eq!(m.sh_ok("cat kept"), "kept\n");
+    m.sh_ok("echo new > new");
+}

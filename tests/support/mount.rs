@@ -1,0 +1,256 @@
+//! [`TestMount`]: the real `netmount` binary mounting a [`TestServer`] user's home on a temp dir
+//! (it returns once mounted); shell commands run in it with `sh -c`; `Drop` unmounts with
+//! `fusermount3 -u` (bounded) and checks that nothing stays mounted.
+
+use crate::server::{binary, TestServer};
+use homefs_mount::fuse::mountpoint;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// How long `netmount` may take to log in, mount and return.
+pub const MOUNT_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long one shell command in a test may run.
+pub const SHELL_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Why FUSE tests cannot run here, if they cannot.
+pub fn fuse_missing() -> Option<String> {
+    if !Path::new("/dev/fuse").exists() {
+        return Some("/dev/fuse is missing".into());
+    }
+    if Command::new("fusermount3").arg("-V").output().is_err() {
+        return Some("fusermount3 is not installed".into());
+    }
+    None
+}
+
+/// Whether FUSE tests can run; prints why `name` is skipped when not. Under
+/// `HOMEFS_REQUIRE_FUSE=1` a missing FUSE is a failure instead.
+///
+/// # Panics
+/// When FUSE is missing and `HOMEFS_REQUIRE_FUSE=1`.
+pub fn fuse_available(name: &str) -> bool {
+    match fuse_missing() {
+        None => true,
+        Some(why) => {
+            assert!(
+                std::env::var("HOMEFS_REQUIRE_FUSE").as_deref() != Ok("1"),
+                "{name}: {why} (HOMEFS_REQUIRE_FUSE=1)"
+            );
+            eprintln!("{name}: skipped: {why}");
+            false
+        }
+    }
+}
+
+/// Runs `cmd` to completion, killing it past `timeout`.
+///
+/// # Panics
+/// When it cannot be started or does not finish in time (naming `what`).
+pub fn output_within(mut cmd: Command, timeout: Duration, what: &str) -> Output {
+    let tmp = tempfile::tempdir().expect("temp dir for output");
+    let (out_path, err_path) = (tmp.path().join("out"), tmp.path().join("err"));
+    let out = std::fs::File::create(&out_path).expect("create stdout file");
+    let err = std::fs::File::create(&err_path).expect("create stderr file");
+    // Output goes to files, not pipes: a daemon that inherits them cannot keep us waiting.
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(out)
+        .stderr(err)
+        .spawn()
+        .unwrap_or_else(|e| panic!("{what}: cannot start: {e}"));
+    let deadline = Instant::now() + timeout;
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(s)) => break s,
+            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(10)),
+            Ok(None) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("{what}: did not finish within {timeout:?}");
+            }
+            Err(e) => panic!("{what}: wait: {e}"),
+        }
+    };
+    Output {
+        status,
+        stdout: std::fs::read(&out_path).unwrap_or_default(),
+        stderr: std::fs::read(&err_path).unwrap_or_default(),
+    }
+}
+
+/// A `netmount` command for `user` of `server` on `mountpoint` (password in `HOMEFS_PASSWORD`,
+/// certificate pinned by `--fingerprint`), with `extra` arguments.
+pub fn netmount_command(server: &TestServer, user: &str, password: &str, mountpoint: &Path, extra: &[&str]) -> Command {
+    let mut cmd = Command::new(binary("netmount"));
+    cmd.arg(format!("{user}@{}", server.addr))
+        .arg(mountpoint)
+        .args(["--fingerprint", &server.fingerprint])
+        .args(extra)
+        .env("HOMEFS_PASSWORD", password);
+    cmd
+}
+
+/// A mounted home.
+pub struct TestMount {
+    /// The mountpoint.
+    pub path: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl TestMount {
+    /// Mounts `user`'s home with `options` given to `-o` (none if empty).
+    ///
+    /// # Panics
+    /// When netmount fails or returns without the mount being there.
+    pub fn new(server: &TestServer, user: &str, password: &str, options: &str) -> TestMount {
+        let dir = tempfile::Builder::new().prefix(&format!("homefs-mnt-{user}-")).tempdir().expect("temp dir");
+        let path = dir.path().join("mnt");
+        std::fs::create_dir(&path).expect("create mountpoint");
+        let mut extra = Vec::new();
+        if !options.is_empty() {
+            extra.extend(["-o", options]);
+        }
+        let out = output_within(netmount_command(server, user, password, &path, &extra), MOUNT_TIMEOUT, "netmount");
+        assert!(
+            out.status.success(),
+            "netmount failed ({}): {}\nserver stderr:\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr),
+            server.stderr_log()
+        );
+        assert!(is_mounted(&path), "netmount returned 0 but {} is not mounted", path.display());
+        TestMount { path, _dir: dir }
+    }
+
+    /// The pid of the netmount daemon serving this mount (found by its command line).
+    ///
+    /// # Panics
+    /// When there is not exactly one.
+    pub fn daemon_pid(&self) -> u32 {
+        daemon_pid(&self.path)
+    }
+
+    /// Bytes the daemon has read and written so far (`rchar + wchar` of /proc/PID/io: its
+    /// socket and /dev/fuse traffic).
+    pub fn daemon_io_bytes(&self) -> u64 {
+        let io = std::fs::read_to_string(format!("/proc/{}/io", self.daemon_pid())).expect("read /proc/PID/io");
+        io.lines()
+            .filter(|l| l.starts_with("rchar:") || l.starts_with("wchar:"))
+            .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+            .sum()
+    }
+
+    /// A path inside the mount.
+    pub fn join(&self, rel: &str) -> PathBuf {
+        self.path.join(rel)
+    }
+
+    /// Runs `script` with `sh -c` in the mount's root.
+    pub fn sh(&self, script: &str) -> Output {
+        let mut cmd = Command::new("sh");
+        cmd.arg("-c").arg(script).current_dir(&self.path);
+        output_within(cmd, SHELL_TIMEOUT, script)
+    }
+
+    /// As [`TestMount::sh`], and returns stdout.
+    ///
+    /// # Panics
+    /// When the script fails, with its stderr.
+    pub fn sh_ok(&self, script: &str) -> String {
+        let out = self.sh(script);
+        assert!(
+            out.status.success(),
+            "`{script}` failed ({}):\nstdout: {}\nstderr: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Unmounts with `fusermount3 -u`, waiting (bounded) until the kernel no longer lists it.
+    ///
+    /// # Panics
+    /// When unmounting fails or the mount stays.
+    pub fn unmount(&self) {
+        if is_mounted(&self.path) {
+            mountpoint::unmount(&self.path, false).unwrap_or_else(|e| panic!("unmount {}: {e}", self.path.display()));
+        }
+        wait_until(Duration::from_secs(10), &format!("{} to be unmounted", self.path.display()), || {
+            !is_mounted(&self.path)
+        });
+    }
+}
+
+impl Drop for TestMount {
+    fn drop(&mut self) {
+        if !is_mounted(&self.path) {
+            return;
+        }
+        let result = mountpoint::unmount(&self.path, false).or_else(|_| mountpoint::unmount(&self.path, true));
+        if !std::thread::panicking() {
+            if let Err(e) = result {
+                panic!("unmount {}: {e}", self.path.display());
+            }
+            wait_until(Duration::from_secs(10), "the mount to go", || !is_mounted(&self.path));
+        }
+    }
+}
+
+/// Whether `path` is a mount point now.
+pub fn is_mounted(path: &Path) -> bool {
+    let abs = path.canonicalize().unwrap_or_else(|_| path.to_path_buf());
+    mountpoint::is_mount_point(&abs).unwrap_or(false)
+}
+
+/// Polls `cond` until it holds.
+///
+/// # Panics
+/// When it does not hold within `timeout`, naming what was waited for.
+pub fn wait_until(timeout: Duration, what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The password test users get.
+pub const PASSWORD: &str = "correct horse battery";
+
+/// A server named `name` with user `alice` (quota `quota`, if any) and her home mounted; `None`
+/// (having said why) when FUSE is not available. Bind as `let (server, mount) = ...` so the
+/// mount is dropped (unmounted) before the server.
+pub fn mounted_alice(name: &str, quota: Option<&str>) -> Option<(TestServer, TestMount)> {
+    if !fuse_available(name) {
+        return None;
+    }
+    let server = TestServer::start(name);
+    server.add_user("alice", PASSWORD, quota);
+    let mount = TestMount::new(&server, "alice", PASSWORD, "");
+    Some((server, mount))
+}
+
+/// The pid of the netmount daemon serving `mountpoint` (its command line names the mountpoint
+/// and the hidden background flag).
+///
+/// # Panics
+/// When there is not exactly one.
+pub fn daemon_pid(mountpoint: &Path) -> u32 {
+    let want = mountpoint.as_os_str().as_encoded_bytes();
+    let mut pids = Vec::new();
+    for entry in std::fs::read_dir("/proc").expect("read /proc").flatten() {
+        let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else { continue };
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else { continue };
+        let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+        let is_daemon = args.first().is_some_and(|a| a.ends_with(b"netmount"))
+            && args.contains(&want)
+            && args.contains(&&b"--daemon-child"[..]);
+        if is_daemon {
+            pids.push(pid);
+        }
+    }
+    assert_eq!(pids.len(), 1, "one netmount daemon for {}: {pids:?}", mountpoint.display());
+    pids[0]
+}
