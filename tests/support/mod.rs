@@ -1,6 +1,7 @@
 //! Helpers for the end-to-end tests: servers, mounts and netcp runs. The test files read as scenarios.
 
 pub mod mount;
+pub mod netcp;
 pub mod server;
 
 pub use server::{binary, is_root, password, ServerOptions, TestServer};

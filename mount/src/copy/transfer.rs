@@ -1,0 +1,484 @@
+//! One file, put or get: pipelined 4 MiB requests through the one connection, BLAKE3 over the whole
+//! file on both ends, written under a temporary name and renamed into place only once it verifies.
+//!
+//! The client hashes the bytes as they stream (continuing the hash of a verified prefix when it
+//! resumes, see [`super::resume`]); the server hashes the finished file with its range checksum.
+//! A mismatch (or a source that changed meanwhile) is retried once from scratch, then reported.
+//! A failed transfer leaves its partial file for the next run to continue.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::{Bytes, BytesMut};
+use futures::stream::{FuturesOrdered, FuturesUnordered, StreamExt};
+use homefs_shared::{
+    ErrorCode, FileKind, OpenFlags, RenameFlags, SetAttr, SetTime, Timestamp, WirePath, MAX_DATA_BYTES,
+};
+use tokio::sync::mpsc;
+
+use super::progress::{FileProgress, Outcome};
+use super::resume::{self, Prefix, SourceId};
+use super::CopyError;
+use crate::client::Client;
+
+/// Bytes per read or write request: the protocol's largest.
+pub const CHUNK_BYTES: u32 = MAX_DATA_BYTES;
+
+/// Requests of one file in flight at once. 8 x 4 MiB = 32 MiB keeps the connection busy while the
+/// server writes or reads the previous chunks (a round trip on loopback is far shorter than
+/// 32 MiB at TLS speed), and bounds the memory of one transfer.
+pub const IN_FLIGHT: usize = 8;
+
+/// Chunks queued between the local reader/writer thread and the network side: as many as are in
+/// flight, so neither side waits on the other while both are busy.
+const LOCAL_QUEUE: usize = IN_FLIGHT;
+
+/// How to copy.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct TransferOptions {
+    /// `-p`: keep mode and modification time.
+    pub preserve: bool,
+    /// Continue a partial copy (off with `--no-resume`).
+    pub resume: bool,
+    /// The caller already removed stale partial files of this file (a tree lists each directory
+    /// once for all its files, rather than once per file).
+    pub swept: bool,
+}
+
+/// A local modification time on the wire.
+pub fn timestamp(t: SystemTime) -> Timestamp {
+    match t.duration_since(UNIX_EPOCH) {
+        Ok(d) => Timestamp { secs: i64::try_from(d.as_secs()).unwrap_or(i64::MAX), nanos: d.subsec_nanos() },
+        Err(e) => {
+            let d = e.duration();
+            let secs = -i64::try_from(d.as_secs()).unwrap_or(i64::MAX);
+            match d.subsec_nanos() {
+                0 => Timestamp { secs, nanos: 0 },
+                n => Timestamp { secs: secs - 1, nanos: 1_000_000_000 - n },
+            }
+        }
+    }
+}
+
+/// A wire time as a local one.
+pub fn system_time(t: Timestamp) -> SystemTime {
+    let nanos = std::time::Duration::from_nanos(u64::from(t.nanos));
+    match u64::try_from(t.secs) {
+        Ok(secs) => UNIX_EPOCH + std::time::Duration::from_secs(secs) + nanos,
+        Err(_) => UNIX_EPOCH - std::time::Duration::from_secs(t.secs.unsigned_abs()) + nanos,
+    }
+}
+
+fn join_error(e: tokio::task::JoinError) -> CopyError {
+    CopyError::Local(io::Error::other(e))
+}
+
+/// Whether a failure looks like the connection dropping (or the server restarting) under the
+/// transfer: writes in flight then fail with `Io` (the client does not resend them, as the server
+/// may have applied them) and handles may be stale. Such a transfer is continued once, in the same
+/// run, exactly as the next run would: the client reconnects with its token (waiting up to its
+/// reconnect timeout), and what arrived is verified on both sides before the rest is sent.
+fn is_connection_loss(e: &CopyError) -> bool {
+    matches!(
+        e,
+        CopyError::Remote(w) if matches!(
+            w.code,
+            ErrorCode::Io | ErrorCode::NotConnected | ErrorCode::TimedOut | ErrorCode::Stale | ErrorCode::BadHandle
+        )
+    )
+}
+
+/// Copies the local file `local` to the remote path `remote` (the file's final name).
+///
+/// # Errors
+/// [`CopyError`]: the server's or the local error, [`CopyError::Quota`] before anything is sent,
+/// [`CopyError::Verify`] when the hashes differ twice.
+pub async fn put(
+    client: &Client,
+    local: &Path,
+    remote: &WirePath,
+    opts: TransferOptions,
+    bar: &FileProgress,
+) -> Result<Outcome, CopyError> {
+    let mut result = put_once(client, local, remote, opts, bar).await;
+    if opts.resume && result.as_ref().is_err_and(is_connection_loss) {
+        tracing::warn!(path = %remote, "connection lost during put; continuing after the reconnect");
+        result = put_once(client, local, remote, opts, bar).await;
+    }
+    match result {
+        Err(CopyError::Verify | CopyError::SourceChanged) => {
+            tracing::warn!(path = %remote, "put did not verify; retrying from scratch");
+            bar.set_position(0);
+            put_once(client, local, remote, TransferOptions { resume: false, ..opts }, bar).await
+        }
+        other => other,
+    }
+}
+
+async fn put_once(
+    client: &Client,
+    local: &Path,
+    remote: &WirePath,
+    opts: TransferOptions,
+    bar: &FileProgress,
+) -> Result<Outcome, CopyError> {
+    let started = Instant::now();
+    let meta = tokio::fs::metadata(local).await?;
+    if meta.is_dir() {
+        return Err(CopyError::Unsupported(format!("{} (use -r)", ErrorCode::IsDir)));
+    }
+    if !meta.is_file() {
+        return Err(CopyError::Unsupported("not a regular file".into()));
+    }
+    let id = SourceId { size: meta.len(), mtime: timestamp(meta.modified()?) };
+    let Some((parent, name)) = remote.split_last() else {
+        return Err(CopyError::Unsupported("the destination is the home itself".into()));
+    };
+    let part = parent.join(&resume::part_name(name, &id))?;
+
+    let prefix = if opts.resume {
+        if !opts.swept {
+            remove_stale_remote(client, &parent, name, &id).await;
+        }
+        resume::check_put(client, &part, local, &id).await?
+    } else {
+        Prefix::Fresh
+    };
+    let (start, hasher, reclaimed) = match prefix {
+        Prefix::Good { len, hasher } => (len, *hasher, 0),
+        Prefix::Corrupt { len } => {
+            tracing::warn!(path = %part, len, "partial file does not match the source; starting from zero");
+            (0, blake3::Hasher::new(), len)
+        }
+        Prefix::Fresh => (0, blake3::Hasher::new(), 0),
+    };
+
+    // Quota: refuse before creating or sending anything. A corrupted partial file we are about to
+    // truncate gives its space back.
+    let needs = id.size - start;
+    let free = client.statfs().await?.free_bytes.saturating_add(reclaimed);
+    if needs > free {
+        return Err(CopyError::Quota { needs, free });
+    }
+
+    let flags = OpenFlags { write: true, create: true, truncate: start == 0, ..OpenFlags::default() };
+    let (fh, _) = client.open(&part, flags, 0o600).await?;
+    if start > 0 {
+        // Drop what lies past the verified prefix (holes left by writes that were in flight).
+        let cut = SetAttr { size: Some(start), ..SetAttr::default() };
+        if let Err(e) = client.setattr(&part, Some(fh), cut).await {
+            let _ = client.close(fh).await;
+            return Err(e.into());
+        }
+    }
+    bar.set_position(start);
+    let streamed = stream_up(client, fh, local, start, hasher, bar).await;
+    let streamed = match streamed {
+        Ok(s) => client.fsync(fh, false).await.map(|()| s).map_err(CopyError::from),
+        Err(e) => Err(e),
+    };
+    let closed = client.close(fh).await;
+    let (hasher, total) = streamed?;
+    closed?;
+    if total != id.size {
+        return Err(CopyError::SourceChanged);
+    }
+
+    let (hash, covered, _, _) = client.checksum(&part, 0, u64::MAX).await?;
+    if covered != total || hasher.finalize().as_bytes() != &hash {
+        return Err(CopyError::Verify);
+    }
+    let set = SetAttr {
+        mode: Some(meta.permissions().mode() & if opts.preserve { 0o7777 } else { 0o777 }),
+        mtime: opts.preserve.then_some(SetTime::At(id.mtime)),
+        ..SetAttr::default()
+    };
+    client.setattr(&part, None, set).await?;
+    client.rename(&part, remote, RenameFlags::default()).await?;
+    Ok(Outcome {
+        bytes: total,
+        resumed_at: (start > 0).then_some(start),
+        sent: total - start,
+        elapsed: started.elapsed(),
+    })
+}
+
+/// Removes partial files of `name` left by another version of the source (best effort: a failure
+/// only leaves a stale file behind).
+async fn remove_stale_remote(client: &Client, parent: &WirePath, name: &[u8], id: &SourceId) {
+    let Ok(entries) = client.read_dir(parent).await else { return };
+    for e in entries.iter().filter(|e| e.attr.kind == FileKind::File && resume::is_stale_part(&e.name, name, id)) {
+        if let Ok(p) = parent.join(&e.name) {
+            let _ = client.unlink(&p).await;
+        }
+    }
+}
+
+/// Reads the local file from `start` on a blocking thread (hashing it there) and writes it with up
+/// to [`IN_FLIGHT`] requests at once. Returns the hasher and the file's length as read.
+async fn stream_up(
+    client: &Client,
+    fh: homefs_shared::Fh,
+    local: &Path,
+    start: u64,
+    mut hasher: blake3::Hasher,
+    bar: &FileProgress,
+) -> Result<(blake3::Hasher, u64), CopyError> {
+    let (tx, mut rx) = mpsc::channel::<Bytes>(LOCAL_QUEUE);
+    let path = local.to_path_buf();
+    let reader = tokio::task::spawn_blocking(move || -> io::Result<(blake3::Hasher, u64)> {
+        let mut file = File::open(&path)?;
+        file.seek(SeekFrom::Start(start))?;
+        let mut total = start;
+        loop {
+            let mut buf = BytesMut::zeroed(CHUNK_BYTES as usize);
+            let mut filled = 0;
+            while filled < buf.len() {
+                match file.read(&mut buf[filled..]) {
+                    Ok(0) => break,
+                    Ok(n) => filled += n,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            if filled == 0 {
+                return Ok((hasher, total));
+            }
+            buf.truncate(filled);
+            hasher.update(&buf);
+            total += filled as u64;
+            if tx.blocking_send(buf.freeze()).is_err() {
+                // The network side stopped (an error): it reports why.
+                return Ok((hasher, total));
+            }
+        }
+    });
+
+    let mut in_flight = FuturesUnordered::new();
+    let mut offset = start;
+    let mut eof = false;
+    let sent: Result<(), CopyError> = loop {
+        while !eof && in_flight.len() < IN_FLIGHT {
+            match rx.recv().await {
+                Some(chunk) => {
+                    let len = chunk.len() as u64;
+                    let c = client.clone();
+                    let at = offset;
+                    in_flight.push(async move { c.write(fh, at, chunk).await.map(|_| len) });
+                    offset += len;
+                }
+                None => eof = true,
+            }
+        }
+        match in_flight.next().await {
+            Some(Ok(n)) => bar.inc(n),
+            Some(Err(e)) => break Err(e.into()),
+            None => break Ok(()),
+        }
+    };
+    drop(rx);
+    let read = reader.await.map_err(join_error)?;
+    sent?;
+    let (hasher, total) = read?;
+    Ok((hasher, total))
+}
+
+/// Copies the remote file `remote` to the local path `local` (the file's final name).
+///
+/// # Errors
+/// As [`put`].
+pub async fn get(
+    client: &Client,
+    remote: &WirePath,
+    local: &Path,
+    opts: TransferOptions,
+    bar: &FileProgress,
+) -> Result<Outcome, CopyError> {
+    let mut result = get_once(client, remote, local, opts, bar).await;
+    if opts.resume && result.as_ref().is_err_and(is_connection_loss) {
+        tracing::warn!(path = %remote, "connection lost during get; continuing after the reconnect");
+        result = get_once(client, remote, local, opts, bar).await;
+    }
+    match result {
+        Err(CopyError::Verify | CopyError::SourceChanged) => {
+            tracing::warn!(path = %remote, "get did not verify; retrying from scratch");
+            bar.set_position(0);
+            get_once(client, remote, local, TransferOptions { resume: false, ..opts }, bar).await
+        }
+        other => other,
+    }
+}
+
+/// The local partial file for `local` and the source version `id`.
+fn local_part(local: &Path, id: &SourceId) -> Result<(PathBuf, Vec<u8>), CopyError> {
+    let name = local
+        .file_name()
+        .ok_or_else(|| CopyError::Unsupported("the destination has no file name".into()))?
+        .as_bytes()
+        .to_vec();
+    let parent = match local.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    Ok((parent.join(super::remote::local_name(&resume::part_name(&name, id))), name))
+}
+
+async fn get_once(
+    client: &Client,
+    remote: &WirePath,
+    local: &Path,
+    opts: TransferOptions,
+    bar: &FileProgress,
+) -> Result<Outcome, CopyError> {
+    let started = Instant::now();
+    // Opening goes through the server's jail: a symlink that leads out of the home is refused or
+    // resolved inside it there; this client never names a path outside the home.
+    let (fh, attr) = client.open(remote, OpenFlags { read: true, ..OpenFlags::default() }, 0).await?;
+    let result = get_open(client, fh, attr, remote, local, opts, bar, started).await;
+    let closed = client.close(fh).await;
+    let outcome = result?;
+    if let Err(e) = closed {
+        tracing::debug!(error = %e, "close after get");
+    }
+    Ok(outcome)
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn get_open(
+    client: &Client,
+    fh: homefs_shared::Fh,
+    attr: homefs_shared::Attr,
+    remote: &WirePath,
+    local: &Path,
+    opts: TransferOptions,
+    bar: &FileProgress,
+    started: Instant,
+) -> Result<Outcome, CopyError> {
+    if attr.kind != FileKind::File {
+        return Err(match attr.kind {
+            FileKind::Dir => CopyError::Unsupported(format!("{} (use -r)", ErrorCode::IsDir)),
+            _ => CopyError::Unsupported("not a regular file".into()),
+        });
+    }
+    let id = SourceId { size: attr.size, mtime: attr.mtime };
+    let (part, name) = local_part(local, &id)?;
+    let prefix = if opts.resume {
+        if !opts.swept {
+            remove_stale_local(&part, &name, &id);
+        }
+        resume::check_get(client, remote, &part, &id).await?
+    } else {
+        Prefix::Fresh
+    };
+    let (start, hasher) = match prefix {
+        Prefix::Good { len, hasher } => (len, *hasher),
+        Prefix::Corrupt { len } => {
+            tracing::warn!(path = ?part, len, "partial file does not match the source; starting from zero");
+            (0, blake3::Hasher::new())
+        }
+        Prefix::Fresh => (0, blake3::Hasher::new()),
+    };
+    bar.set_position(start);
+
+    let (tx, mut rx) = mpsc::channel::<Bytes>(LOCAL_QUEUE);
+    let part_path = part.clone();
+    let writer = tokio::task::spawn_blocking(move || -> io::Result<(blake3::Hasher, File)> {
+        let mut hasher = hasher;
+        let mut file = if start > 0 {
+            let mut f = OpenOptions::new().write(true).open(&part_path)?;
+            f.set_len(start)?;
+            f.seek(SeekFrom::Start(start))?;
+            f
+        } else {
+            File::create(&part_path)?
+        };
+        while let Some(chunk) = rx.blocking_recv() {
+            file.write_all(&chunk)?;
+            hasher.update(&chunk);
+        }
+        file.sync_all()?;
+        Ok((hasher, file))
+    });
+
+    let size = attr.size;
+    let mut in_flight = FuturesOrdered::new();
+    let mut next = start;
+    let fetched: Result<(), CopyError> = loop {
+        while next < size && in_flight.len() < IN_FLIGHT {
+            let len = u32::try_from((size - next).min(u64::from(CHUNK_BYTES))).unwrap_or(CHUNK_BYTES);
+            let c = client.clone();
+            let at = next;
+            in_flight.push_back(async move { c.read(fh, at, len).await.map(|(data, _)| (data, len)) });
+            next += u64::from(len);
+        }
+        match in_flight.next().await {
+            Some(Ok((data, asked))) => {
+                if data.len() != asked as usize {
+                    break Err(CopyError::SourceChanged);
+                }
+                bar.inc(data.len() as u64);
+                if tx.send(data).await.is_err() {
+                    // The writer stopped on an error: it reports why.
+                    break Ok(());
+                }
+            }
+            Some(Err(e)) => break Err(e.into()),
+            None => break Ok(()),
+        }
+    };
+    drop(tx);
+    let written = writer.await.map_err(join_error)?;
+    fetched?;
+    let (hasher, file) = written?;
+
+    let (hash, covered, now_size, now_mtime) = client.checksum(remote, 0, u64::MAX).await?;
+    if now_size != size || now_mtime != attr.mtime {
+        return Err(CopyError::SourceChanged);
+    }
+    if covered != size || hasher.finalize().as_bytes() != &hash {
+        return Err(CopyError::Verify);
+    }
+    if opts.preserve {
+        file.set_permissions(std::fs::Permissions::from_mode(attr.perm & 0o7777))?;
+        file.set_modified(system_time(attr.mtime))?;
+    }
+    drop(file);
+    std::fs::rename(&part, local)?;
+    Ok(Outcome {
+        bytes: size,
+        resumed_at: (start > 0).then_some(start),
+        sent: size - start,
+        elapsed: started.elapsed(),
+    })
+}
+
+/// Removes local partial files of `name` from another version of the source (best effort).
+fn remove_stale_local(part: &Path, name: &[u8], id: &SourceId) {
+    let Some(dir) = part.parent() else { return };
+    let Ok(entries) = std::fs::read_dir(dir) else { return };
+    for e in entries.flatten() {
+        if resume::is_stale_part(e.file_name().as_bytes(), name, id) {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn times_round_trip() {
+        for t in [
+            Timestamp { secs: 0, nanos: 0 },
+            Timestamp { secs: 1_700_000_000, nanos: 123_456_789 },
+            Timestamp { secs: -5, nanos: 250_000_000 },
+        ] {
+            assert_eq!(timestamp(system_time(t)), t);
+        }
+    }
+}

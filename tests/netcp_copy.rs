@@ -1,0 +1,235 @@
+//! netcp copies against a real fsd through the real binary: files of every shape, many at once,
+//! trees with symlinks, the quota refused before sending, a symlink out of the home, and progress
+//! shown as bars on a terminal and as summary lines in a pipe.
+
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+
+use homefs_tests::netcp::{hash_file, partial_files, server_with_user, write_random, Netcp};
+use homefs_tests::server::TestServer;
+
+const PASSWORD: &str = "correct horse";
+
+fn server_with_alice(name: &str, quota: Option<&str>) -> (TestServer, Netcp) {
+    server_with_user(name, "alice", PASSWORD, quota)
+}
+
+#[test]
+fn netcp_put_get_empty_small_and_non_utf8() {
+    let (server, netcp) = server_with_alice("netcp_put_get_empty_small_and_non_utf8", None);
+    let work = tempfile::tempdir().expect("tempdir");
+    let src = work.path().join("src");
+    std::fs::create_dir(&src).expect("mkdir");
+    let empty = src.join("empty");
+    std::fs::write(&empty, b"").expect("write");
+    let small = src.join("small.bin");
+    write_random(&small, 100 * 1024 + 3, 1);
+    let odd = src.join(std::ffi::OsStr::from_bytes(b"caf\xe9-\x01.bin"));
+    write_random(&odd, 5000, 2);
+
+    let run = netcp.run([empty.as_os_str(), small.as_os_str(), odd.as_os_str(), netcp.remote("").as_os_str()]).ok();
+    assert_eq!(run.stdout.lines().filter(|l| l.ends_with("verified")).count(), 3, "{}", run.stdout);
+    let home = server.home_path("alice");
+    for f in [&empty, &small, &odd] {
+        let name = f.file_name().expect("name");
+        assert_eq!(hash_file(&home.join(name)), hash_file(f), "{name:?} differs on the server");
+    }
+    assert!(partial_files(&home).is_empty());
+
+    let back = work.path().join("back");
+    std::fs::create_dir(&back).expect("mkdir");
+    let names: Vec<_> =
+        [&empty, &small, &odd].iter().map(|f| netcp.remote(f.file_name().expect("name").as_bytes())).collect();
+    let mut args: Vec<&std::ffi::OsStr> = names.iter().map(|n| n.as_os_str()).collect();
+    args.push(back.as_os_str());
+    netcp.run(args).ok();
+    for f in [&empty, &small, &odd] {
+        let name = f.file_name().expect("name");
+        assert_eq!(hash_file(&back.join(name)), hash_file(f), "{name:?} differs after get");
+    }
+    assert!(partial_files(&back).is_empty());
+}
+
+#[test]
+fn netcp_256_mib_both_ways() {
+    let (server, netcp) = server_with_alice("netcp_256_mib_both_ways", None);
+    let work = tempfile::tempdir().expect("tempdir");
+    let big = work.path().join("big");
+    write_random(&big, 256 << 20, 3);
+    let t = std::time::Instant::now();
+    let run = netcp.run([big.as_os_str(), netcp.remote("big").as_os_str()]).ok();
+    eprintln!("put 256 MiB: {:?} ({})", t.elapsed(), run.stdout.trim());
+    assert_eq!(hash_file(&server.home_path("alice").join("big")), hash_file(&big));
+
+    let back = work.path().join("back");
+    let t = std::time::Instant::now();
+    let run = netcp.run([netcp.remote("big").as_os_str(), back.as_os_str()]).ok();
+    eprintln!("get 256 MiB: {:?} ({})", t.elapsed(), run.stdout.trim());
+    assert_eq!(hash_file(&back), hash_file(&big));
+}
+
+fn tree_listing(root: &Path) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for e in std::fs::read_dir(&dir).expect("read_dir").flatten() {
+            let p = e.path();
+            let rel = p.strip_prefix(root).expect("below root").display().to_string();
+            let meta = std::fs::symlink_metadata(&p).expect("lstat");
+            if meta.file_type().is_symlink() {
+                out.push((rel, format!("-> {}", std::fs::read_link(&p).expect("readlink").display())));
+            } else if meta.is_dir() {
+                out.push((rel, "dir".into()));
+                stack.push(p);
+            } else {
+                out.push((rel, hash_file(&p).to_hex().to_string()));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+#[test]
+fn netcp_tree_with_nested_dirs_and_symlinks() {
+    let (server, netcp) = server_with_alice("netcp_tree_with_nested_dirs_and_symlinks", None);
+    let work = tempfile::tempdir().expect("tempdir");
+    let tree = work.path().join("tree");
+    std::fs::create_dir_all(tree.join("a/b/c")).expect("mkdir");
+    std::fs::create_dir_all(tree.join("empty")).expect("mkdir");
+    write_random(&tree.join("a/b/c/deep.bin"), 300_000, 4);
+    write_random(&tree.join("a/one"), 10, 5);
+    write_random(&tree.join("top"), 5 << 20, 6);
+    std::fs::write(tree.join(std::ffi::OsStr::from_bytes(b"a/\xff\xfe")), b"odd").expect("write");
+    std::os::unix::fs::symlink("a/b/c/deep.bin", tree.join("link")).expect("symlink");
+    std::os::unix::fs::symlink("/etc/passwd", tree.join("a/abs-link")).expect("symlink");
+
+    // "copy" exists, so the tree lands in copy/tree (as with cp and scp). A partial file left there
+    // by an older version of a/one: the tree's sweep removes it.
+    let on_server = server.home_path("alice").join("copy/tree");
+    std::fs::create_dir_all(on_server.join("a")).expect("mkdir");
+    std::fs::write(on_server.join("a/.one.0123456789abcdef.homefs-part"), b"stale").expect("write");
+    let run = netcp
+        .run([
+            std::ffi::OsStr::new("-r"),
+            "-j".as_ref(),
+            "3".as_ref(),
+            tree.as_os_str(),
+            netcp.remote("copy").as_os_str(),
+        ])
+        .ok();
+    assert!(run.stdout.contains("verified"), "{}", run.stdout);
+    assert_eq!(tree_listing(&on_server), tree_listing(&tree));
+
+    let back = work.path().join("back");
+    netcp.run([std::ffi::OsStr::new("-r"), netcp.remote("copy/tree").as_os_str(), back.as_os_str()]).ok();
+    assert_eq!(tree_listing(&back), tree_listing(&tree));
+}
+
+fn mode_and_mtime(p: &Path) -> (u32, std::time::SystemTime) {
+    use std::os::unix::fs::PermissionsExt;
+    let m = std::fs::metadata(p).unwrap_or_else(|e| panic!("stat {}: {e}", p.display()));
+    (m.permissions().mode() & 0o7777, m.modified().expect("mtime"))
+}
+
+#[test]
+fn netcp_preserve_keeps_mode_and_mtime() {
+    use std::os::unix::fs::PermissionsExt;
+    let (server, netcp) = server_with_alice("netcp_preserve_keeps_mode_and_mtime", None);
+    let work = tempfile::tempdir().expect("tempdir");
+    let f = work.path().join("script.sh");
+    write_random(&f, 1000, 9);
+    std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o750)).expect("chmod");
+    let old = std::time::UNIX_EPOCH + std::time::Duration::new(1_500_000_000, 123_456_789);
+    std::fs::File::options().write(true).open(&f).expect("open").set_modified(old).expect("set mtime");
+
+    netcp.run([std::ffi::OsStr::new("-p"), f.as_os_str(), netcp.remote("").as_os_str()]).ok();
+    assert_eq!(mode_and_mtime(&server.home_path("alice").join("script.sh")), (0o750, old));
+    let back = work.path().join("back.sh");
+    netcp.run([std::ffi::OsStr::new("-p"), netcp.remote("script.sh").as_os_str(), back.as_os_str()]).ok();
+    assert_eq!(mode_and_mtime(&back), (0o750, old));
+}
+
+#[test]
+fn netcp_put_over_quota_is_refused_before_sending() {
+    let (server, netcp) = server_with_alice("netcp_put_over_quota_is_refused_before_sending", Some("1M"));
+    let work = tempfile::tempdir().expect("tempdir");
+    let big = work.path().join("big.iso");
+    write_random(&big, 2 << 20, 7);
+    let home = server.home_path("alice");
+    let before: Vec<_> = std::fs::read_dir(&home).expect("home").flatten().map(|e| e.file_name()).collect();
+    let run = netcp.run([big.as_os_str(), netcp.remote("big.iso").as_os_str()]);
+    assert_eq!(run.code, Some(1), "{run:?}");
+    let line = run.stderr.lines().find(|l| l.starts_with("netcp: put ")).unwrap_or_default();
+    assert!(
+        line.contains("big.iso: Disk quota exceeded (needs 2.0 MiB, ") && line.ends_with("free)"),
+        "stderr: {}",
+        run.stderr
+    );
+    let after: Vec<_> = std::fs::read_dir(&home).expect("home").flatten().map(|e| e.file_name()).collect();
+    assert_eq!(before, after, "the refused put changed the home");
+}
+
+#[test]
+fn netcp_get_of_symlink_out_of_home_never_reads_outside() {
+    let (server, netcp) = server_with_alice("netcp_get_of_symlink_out_of_home_never_reads_outside", None);
+    let work = tempfile::tempdir().expect("tempdir");
+    let secret = work.path().join("secret");
+    std::fs::write(&secret, b"TOP SECRET outside the home").expect("write");
+    // An atime older than the mtime: under relatime (and strictatime) any read of the file moves it.
+    let old_atime = std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_000_000);
+    let times = std::fs::FileTimes::new().set_accessed(old_atime).set_modified(std::time::SystemTime::now());
+    std::fs::File::options().write(true).open(&secret).expect("open").set_times(times).expect("set times");
+    let home = server.home_path("alice");
+    std::os::unix::fs::symlink(&secret, home.join("escape")).expect("symlink");
+    let dots = "../".repeat(home.components().count() + 2);
+    std::os::unix::fs::symlink(format!("{dots}{}", secret.display()), home.join("escape-rel")).expect("symlink");
+
+    for name in ["escape", "escape-rel"] {
+        let out = work.path().join(format!("got-{name}"));
+        let run = netcp.run([netcp.remote(name).as_os_str(), out.as_os_str()]);
+        eprintln!("get {name}: exit {:?}, {}", run.code, run.stderr.trim());
+        if run.code == Some(0) {
+            let got = std::fs::read(&out).expect("read");
+            assert_ne!(got, b"TOP SECRET outside the home", "netcp read the file outside the home through {name}");
+        } else {
+            assert!(run.stderr.starts_with(&format!("netcp: get {name}: ")), "{run:?}");
+            assert!(!out.exists(), "a failed get left {}", out.display());
+        }
+    }
+    let atime = std::fs::metadata(&secret).expect("stat").accessed().expect("atime");
+    assert_eq!(atime, old_atime, "the file outside the home was read");
+    // With -r the link itself is copied, never followed.
+    let out = work.path().join("linkcopy");
+    netcp.run([std::ffi::OsStr::new("-r"), netcp.remote("escape").as_os_str(), out.as_os_str()]).ok();
+    assert_eq!(std::fs::read_link(&out).expect("a symlink"), secret);
+}
+
+#[test]
+fn netcp_bars_on_a_terminal_lines_in_a_pipe() {
+    let (_server, netcp) = server_with_alice("netcp_bars_on_a_terminal_lines_in_a_pipe", None);
+    let work = tempfile::tempdir().expect("tempdir");
+    let f = work.path().join("f.bin");
+    write_random(&f, 8 << 20, 8);
+
+    let remote = netcp.remote("f.bin");
+    let pty = netcp.on_pty(&["f.bin", remote.to_str().expect("utf-8")], "", work.path());
+    assert_eq!(pty.code, Some(0), "{pty:?}");
+    assert!(pty.stdout.contains("ETA") && pty.stdout.contains("verified"), "no bar on the terminal: {:?}", pty.stdout);
+
+    // Several files: an overall bar too.
+    std::fs::copy(&f, work.path().join("f2.bin")).expect("copy");
+    let home = netcp.remote("");
+    let pty = netcp.on_pty(&["-j", "2", "f.bin", "f2.bin", home.to_str().expect("utf-8")], "", work.path());
+    assert_eq!(pty.code, Some(0), "{pty:?}");
+    assert!(pty.stdout.contains("total 2/2 files"), "no overall bar: {:?}", pty.stdout);
+
+    let piped = netcp.run([f.as_os_str(), netcp.remote("g.bin").as_os_str()]).ok();
+    assert!(!piped.stdout.contains("ETA") && !piped.stdout.contains('\x1b'), "bar in a pipe: {:?}", piped.stdout);
+    let lines: Vec<&str> = piped.stdout.lines().collect();
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert!(lines[0].contains("8388608 bytes in ") && lines[0].ends_with(", verified"), "{lines:?}");
+
+    let quiet = netcp.run([std::ffi::OsStr::new("-q"), f.as_os_str(), netcp.remote("h.bin").as_os_str()]).ok();
+    assert_eq!(quiet.stdout, "");
+}
