@@ -70,6 +70,10 @@ pub struct Limits {
     pub shutdown_timeout_secs: Duration,
     pub max_frame_bytes: u32,
     pub max_blocking_threads: usize,
+    /// File data read for answers and not yet sent, over all connections together.
+    pub max_buffered_reads: ByteSize,
+    /// File data received in requests and not yet handled, over all connections together.
+    pub max_buffered_writes: ByteSize,
 }
 
 /// `[auth]`
@@ -118,7 +122,9 @@ impl Default for Config {
                 write_timeout_secs: Duration::from_secs(30),
                 shutdown_timeout_secs: Duration::from_secs(30),
                 max_frame_bytes: homefs_shared::MAX_FRAME_BYTES,
-                max_blocking_threads: 64,
+                max_blocking_threads: 16,
+                max_buffered_reads: ByteSize(24 << 20),
+                max_buffered_writes: ByteSize(24 << 20),
             },
             auth: Auth {
                 users_file: "users.toml".into(),
@@ -214,6 +220,20 @@ impl Config {
             || l.max_connections_per_user > tokio::sync::Semaphore::MAX_PERMITS
         {
             return Err("limits: a connection or request limit is too large".into());
+        }
+        let reads = l.max_buffered_reads.bytes();
+        if reads < u64::from(homefs_shared::MAX_DATA_BYTES) || reads > 1 << 50 {
+            return Err(format!(
+                "limits.max_buffered_reads must be between {} (one read) and 1P",
+                homefs_shared::MAX_DATA_BYTES
+            ));
+        }
+        let writes = l.max_buffered_writes.bytes();
+        if writes < u64::from(homefs_shared::MAX_FRAME_BYTES) || writes > 1 << 50 {
+            return Err(format!(
+                "limits.max_buffered_writes must be between {} (one frame) and 1P",
+                homefs_shared::MAX_FRAME_BYTES
+            ));
         }
         for (key, d) in [
             ("limits.idle_timeout_secs", l.idle_timeout_secs),

@@ -1,5 +1,6 @@
 //! Landlock: after start, fsd confines itself to its storage root (read/write), its config
-//! directory (read), its log file (write) and the users file's directory (read/write), so that
+//! directory and the users file's directory (read: the server only re-reads the users file; the
+//! `fsd user` commands that write it are other, unconfined processes) and its log file (write), so that
 //! even a bug in path handling cannot reach the rest of the machine. Best effort: on a kernel
 //! without Landlock the server runs unconfined and says so.
 
@@ -33,8 +34,8 @@ pub fn prepare(config: &Config, config_dir: &Path) -> Result<RulesetCreated, Con
     let mut ruleset = Ruleset::default()
         .handle_access(all)?
         .create()?
-        .add_rules(path_beneath_rules([&config.storage.root, users_dir], all))?
-        .add_rules(path_beneath_rules([config_dir], read))?;
+        .add_rules(path_beneath_rules([&config.storage.root], all))?
+        .add_rules(path_beneath_rules([config_dir, users_dir], read))?;
     if !config.log.file.as_os_str().is_empty() {
         ruleset = ruleset.add_rules(path_beneath_rules([&config.log.file], AccessFs::from_write(ABI_VERSION)))?;
     }

@@ -28,6 +28,10 @@ use config::Config;
 use home::Homes;
 use ops::LockTable;
 
+/// The unit in which data is counted against `limits.max_buffered_reads` and
+/// `limits.max_buffered_writes` (so a 4 MiB read takes 64 permits and a 1-byte read one).
+pub const READ_BUDGET_UNIT: u64 = 64 << 10;
+
 /// How often the users file is checked for changes.
 const USERS_POLL: Duration = Duration::from_secs(1);
 
@@ -53,6 +57,12 @@ pub struct State {
     fingerprint: String,
     /// The server's connection limit; each connection holds a permit for its life.
     connections: Arc<Semaphore>,
+    /// `limits.max_buffered_reads` in [`READ_BUDGET_UNIT`]s: a Read takes its share before its
+    /// data is read and gives it back once the writer has sent it.
+    pub(crate) read_budget: Arc<Semaphore>,
+    /// `limits.max_buffered_writes` in [`READ_BUDGET_UNIT`]s: a request's data takes its share
+    /// once it has arrived (before the next frame is read) and gives it back once handled.
+    pub(crate) write_budget: Arc<Semaphore>,
     /// Guards the per-user connection limits, one semaphore per user who has logged in.
     per_user: Mutex<HashMap<String, Arc<Semaphore>>>,
     next_conn_id: AtomicU64,
@@ -73,8 +83,13 @@ impl State {
         let accounts = Accounts::load(&config)?;
         let homes = Homes::open_root(&config.storage.root)
             .map_err(|error| StartError::Storage { path: config.storage.root.clone(), error })?;
+        let budget_units = config.limits.max_buffered_reads.bytes() / READ_BUDGET_UNIT;
+        let write_units = config.limits.max_buffered_writes.bytes() / READ_BUDGET_UNIT;
         Ok(State {
             connections: Arc::new(Semaphore::new(config.limits.max_connections)),
+            // Validated: at most 1P, so at most 2^34 units, well under MAX_PERMITS.
+            read_budget: Arc::new(Semaphore::new(usize::try_from(budget_units).unwrap_or(usize::MAX >> 4))),
+            write_budget: Arc::new(Semaphore::new(usize::try_from(write_units).unwrap_or(usize::MAX >> 4))),
             config,
             accounts,
             homes,
@@ -84,6 +99,16 @@ impl State {
             per_user: Mutex::new(HashMap::new()),
             next_conn_id: AtomicU64::new(1),
         })
+    }
+
+    /// Bytes of `limits.max_buffered_reads` not held by reads now (for tests and diagnostics).
+    pub fn read_budget_free(&self) -> u64 {
+        self.read_budget.available_permits() as u64 * READ_BUDGET_UNIT
+    }
+
+    /// Bytes of `limits.max_buffered_writes` not held by requests now (for tests and diagnostics).
+    pub fn write_budget_free(&self) -> u64 {
+        self.write_budget.available_permits() as u64 * READ_BUDGET_UNIT
     }
 
     /// The certificate's fingerprint (`SHA256:...`), which clients pin.
@@ -134,13 +159,15 @@ pub async fn serve(listener: TcpListener, state: Arc<State>, shutdown: impl Futu
     }
     drop(listener);
     watcher.abort();
-    trigger.trigger();
-    info!(connections = conns.len(), "stopped accepting; waiting for connections to finish");
-    // Each connection waits up to the shutdown timeout for its requests, then flushes with the
-    // write timeout: past both, what is left is cut off.
+    // Each connection finishes the requests it has received (a frame that has begun to arrive
+    // included) by `finish_by`, then flushes with the write timeout: past both, what is left is
+    // cut off.
     let limits = &state.config.limits;
-    let bound = limits.shutdown_timeout_secs + limits.write_timeout_secs;
-    if tokio::time::timeout(bound, async { while conns.join_next().await.is_some() {} }).await.is_err() {
+    let finish_by = tokio::time::Instant::now() + limits.shutdown_timeout_secs;
+    trigger.trigger(finish_by);
+    info!(connections = conns.len(), "stopped accepting; waiting for connections to finish");
+    let bound = finish_by + limits.write_timeout_secs;
+    if tokio::time::timeout_at(bound, async { while conns.join_next().await.is_some() {} }).await.is_err() {
         warn!(left = conns.len(), "connections still open at the shutdown deadline; closing them");
         conns.abort_all();
         while conns.join_next().await.is_some() {}

@@ -7,7 +7,9 @@
 //! Back-pressure: a request takes a session permit before it is read; its task keeps the permit
 //! until its answer is queued. A client that stops reading fills the writer's queue, the tasks
 //! wait with their permits, and the reader stops reading that client: nothing grows without
-//! bound, and TCP pushes back on that client alone.
+//! bound, and TCP pushes back on that client alone. Data is bounded in bytes too, server-wide:
+//! a request's data takes its share of `max_buffered_writes` before the next frame is read, and
+//! a Read takes its share of `max_buffered_reads` before its data is read from disk.
 
 use bytes::Bytes;
 use futures::{FutureExt, StreamExt};
@@ -45,8 +47,9 @@ pub const WRITER_QUEUE: usize = 16;
 /// through without being copied into it.
 pub const WRITE_BUFFER_BYTES: usize = 256 << 10;
 
-/// An answer and the data that follows it in its frame.
-type Answer = (ResponseHeader, Bytes);
+/// An answer, the data that follows it in its frame, and the share of the server's read budget
+/// that data holds until it is sent.
+type Answer = (ResponseHeader, Bytes, Option<OwnedSemaphorePermit>);
 
 /// Why a session ended, for the log.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -65,6 +68,8 @@ enum End {
     Shutdown,
     /// Refused after authentication (connection limit, home unavailable).
     Refused,
+    /// The user was deleted from the users file while logged in.
+    Revoked,
 }
 
 /// Serves one accepted TCP connection until it ends. Holds `_conn_permit` (the server's
@@ -100,9 +105,10 @@ pub async fn run(
             let mut tasks = JoinSet::new();
             let end = serve_requests(&mut frames, &tx, &state, &authed, &mut tasks, &mut requests, &mut shutdown).await;
             drop(frames);
-            // In-flight requests finish (bounded), then the session's locks and files go.
-            let bound = limits.shutdown_timeout_secs;
-            if tokio::time::timeout(bound, drain(&mut tasks)).await.is_err() {
+            // In-flight requests finish (by the server's shutdown deadline, or within the
+            // shutdown timeout when the client went), then the session's locks and files go.
+            let finish_by = shutdown.deadline().unwrap_or_else(|| Instant::now() + limits.shutdown_timeout_secs);
+            if tokio::time::timeout_at(finish_by, drain(&mut tasks)).await.is_err() {
                 warn!(left = tasks.len(), "in-flight requests still running at the deadline; cancelling them");
                 tasks.abort_all();
                 drain(&mut tasks).await;
@@ -127,32 +133,59 @@ async fn drain(tasks: &mut JoinSet<()>) {
 
 type Frames<R> = FramedRead<R, FrameCodec>;
 
-/// The next frame, or why there is none. Completes with [`End::Shutdown`] on shutdown.
+/// The next frame, or why there is none. Once shutdown has begun, only a frame that has already
+/// arrived (whole, or its first bytes) is still read; then [`End::Shutdown`].
 async fn next_frame<R: AsyncRead + Unpin>(
     frames: &mut Frames<R>,
     deadline: Instant,
     shutdown: &mut Shutdown,
 ) -> Result<Frame, End> {
-    tokio::select! {
-        r = tokio::time::timeout_at(deadline, frames.next()) => match r {
-            Err(_) => Err(End::Idle),
-            Ok(None) => Err(End::Closed),
-            Ok(Some(Ok(frame))) => Ok(frame),
-            Ok(Some(Err(FrameError::Io(e)))) => {
-                debug!(error = %e, "read failed");
-                Err(End::Closed)
-            }
-            Ok(Some(Err(e))) => {
-                warn!(error = %e, "bad frame; closing the connection");
-                Err(End::BadFrame)
-            }
-        },
-        _ = shutdown.recv() => Err(End::Shutdown),
+    if !shutdown.is_shutdown() {
+        tokio::select! {
+            r = tokio::time::timeout_at(deadline, frames.next()) => return read_outcome(r.map_err(|_| End::Idle)),
+            _ = shutdown.recv() => {}
+        }
+    }
+    arrived_frame(frames, shutdown).await
+}
+
+/// During shutdown: the frame already received, if any. A client whose write was half sent when
+/// SIGTERM came gets it finished and answered (the rest may take until the shutdown deadline);
+/// a client that had sent nothing is not waited for.
+async fn arrived_frame<R: AsyncRead + Unpin>(frames: &mut Frames<R>, shutdown: &Shutdown) -> Result<Frame, End> {
+    let finish_by = shutdown.deadline().unwrap_or_else(Instant::now);
+    // A client that keeps a stream of requests coming cannot hold the shutdown open.
+    if Instant::now() >= finish_by {
+        return Err(End::Shutdown);
+    }
+    if let Some(r) = frames.next().now_or_never() {
+        return read_outcome(Ok(r));
+    }
+    if frames.read_buffer().is_empty() {
+        return Err(End::Shutdown);
+    }
+    debug!(have = frames.read_buffer().len(), "shutting down: finishing a frame that has begun to arrive");
+    read_outcome(tokio::time::timeout_at(finish_by, frames.next()).await.map_err(|_| End::Shutdown))
+}
+
+/// A read's outcome as a frame or why the session ends (`Err` is the end for a timeout).
+fn read_outcome(r: Result<Option<Result<Frame, FrameError>>, End>) -> Result<Frame, End> {
+    match r? {
+        None => Err(End::Closed),
+        Some(Ok(frame)) => Ok(frame),
+        Some(Err(FrameError::Io(e))) => {
+            debug!(error = %e, "read failed");
+            Err(End::Closed)
+        }
+        Some(Err(e)) => {
+            warn!(error = %e, "bad frame; closing the connection");
+            Err(End::BadFrame)
+        }
     }
 }
 
 async fn answer(tx: &mpsc::Sender<Answer>, id: RequestId, result: Result<Response, WireError>) -> Result<(), End> {
-    tx.send((ResponseHeader { id, result }, Bytes::new())).await.map_err(|_| End::WriterGone)
+    tx.send((ResponseHeader { id, result }, Bytes::new(), None)).await.map_err(|_| End::WriterGone)
 }
 
 /// Hello, then Login or Resume until one succeeds, all before the login deadline.
@@ -246,8 +279,10 @@ async fn serve_requests<R: AsyncRead + Unpin>(
     let in_flight = Arc::new(Semaphore::new(limits.max_in_flight_per_session));
     loop {
         while tasks.try_join_next().is_some() {}
-        // Taken before reading: while every permit is busy this client is not read.
+        // Taken before reading: while every permit is busy this client is not read. A free
+        // permit goes first, so that during shutdown what has arrived is still read.
         let permit = tokio::select! {
+            biased;
             p = in_flight.clone().acquire_owned() => p.expect("the session semaphore is never closed"),
             _ = shutdown.recv() => return End::Shutdown,
             _ = tx.closed() => return End::WriterGone,
@@ -267,6 +302,13 @@ async fn serve_requests<R: AsyncRead + Unpin>(
         };
         *requests += 1;
         let id = header.id;
+        // Deleting a user ends their sessions too, not only their tokens: checked per request
+        // (one map lookup), so an idle session ends at its next request or its idle timeout.
+        if !state.accounts.exists(authed.user()) {
+            warn!(user = authed.user(), "user deleted; ending the session");
+            let _ = answer(tx, id, Err(WireError::new(ErrorCode::Access, "user deleted"))).await;
+            return End::Revoked;
+        }
         if matches!(header.request, Request::Hello { .. } | Request::Login { .. } | Request::Resume { .. }) {
             warn!(request = request_kind(&header.request), "handshake request after login");
             let err = WireError::new(ErrorCode::Protocol, "already logged in");
@@ -276,10 +318,57 @@ async fn serve_requests<R: AsyncRead + Unpin>(
             continue;
         }
         debug!(id = id.0, request = ?header.request, "request");
+        // The request's data takes its share of the server's write budget before the next frame
+        // is read: a connection holds at most that share and the one frame being read, and all
+        // of them together at most `max_buffered_writes` plus one frame each. The share is held
+        // until the handler has consumed the data.
+        let write_held = match data_budget_units(frame.data.len()) {
+            None => None,
+            Some(units) => {
+                let budget_wait = limits.write_timeout_secs * 2;
+                let acquired = tokio::select! {
+                    r = tokio::time::timeout(budget_wait, state.write_budget.clone().acquire_many_owned(units)) => r,
+                    _ = tx.closed() => return End::WriterGone,
+                };
+                match acquired {
+                    Ok(Ok(held)) => Some(held),
+                    _ => {
+                        warn!(id = id.0, "write budget exhausted; request refused");
+                        let err = WireError::new(ErrorCode::Busy, "server busy: too much request data unhandled");
+                        if answer(tx, id, Err(err)).await.is_err() {
+                            return End::WriterGone;
+                        }
+                        continue;
+                    }
+                }
+            }
+        };
         let (tx, authed) = (tx.clone(), authed.clone());
+        let read_units = match header.request {
+            Request::Read { len, .. } => data_budget_units(len.min(homefs_shared::MAX_DATA_BYTES) as usize),
+            _ => None,
+        };
+        let (budget, budget_wait) = (state.read_budget.clone(), limits.write_timeout_secs * 2);
         tasks.spawn(
             async move {
+                // A Read takes its share of the server's read budget before its data is read, so
+                // clients that ask for more than they read cannot make the server hold more than
+                // `max_buffered_reads` (one session alone is bounded by its in-flight limit).
+                // Shares come back as writers send or time out, so the wait is bounded too.
+                let held = match read_units {
+                    None => None,
+                    Some(units) => match tokio::time::timeout(budget_wait, budget.acquire_many_owned(units)).await {
+                        Ok(Ok(held)) => Some(held),
+                        _ => {
+                            warn!(id = id.0, "read budget exhausted; read refused");
+                            let err = WireError::new(ErrorCode::Busy, "server busy: too much read data unsent");
+                            let _ = tx.send((ResponseHeader { id, result: Err(err) }, Bytes::new(), None)).await;
+                            return;
+                        }
+                    },
+                };
                 let outcome = AssertUnwindSafe(authed.handle(header.request, frame.data)).catch_unwind().await;
+                drop(write_held);
                 let (result, data) = match outcome {
                     Ok(Ok((response, data))) => (Ok(response), data),
                     Ok(Err(e)) => (Err(e), Bytes::new()),
@@ -289,12 +378,20 @@ async fn serve_requests<R: AsyncRead + Unpin>(
                     }
                 };
                 // Fails only when the writer is gone; the reader notices that itself.
-                let _ = tx.send((ResponseHeader { id, result }, data)).await;
+                let _ = tx.send((ResponseHeader { id, result }, data, held)).await;
                 drop(permit);
             }
             .in_current_span(),
         );
     }
+}
+
+/// A share of a data budget: `bytes` in [`crate::READ_BUDGET_UNIT`]s, rounded up; `None` for no
+/// data.
+fn data_budget_units(bytes: usize) -> Option<u32> {
+    let units = (bytes as u64).div_ceil(crate::READ_BUDGET_UNIT);
+    // At most MAX_FRAME_BYTES / unit (69) for a frame that was accepted: fits.
+    (units > 0).then(|| u32::try_from(units).unwrap_or(u32::MAX))
 }
 
 /// The request's name for the log, without its fields (a Login's carry the password).
@@ -318,7 +415,8 @@ async fn write_answers<W: AsyncWrite + Unpin>(
 ) -> io::Result<()> {
     let mut out = BufWriter::with_capacity(WRITE_BUFFER_BYTES, w);
     loop {
-        let (header, data) = match rx.try_recv() {
+        // `_budget` is the answer's read-budget share, given back once its data is written.
+        let (header, data, _budget) = match rx.try_recv() {
             Ok(answer) => answer,
             Err(TryRecvError::Empty) => {
                 with_timeout(out.flush(), "flush", write_timeout).await?;

@@ -14,11 +14,90 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 /// A storage root with an `outside` directory beside it holding a file no user may reach.
+/// Fields drop in order: the homes' fds close before the tmpfs (if any) is unmounted, and that
+/// before the temp dir is removed.
 struct Fixture {
-    tmp: tempfile::TempDir,
     homes: Homes,
     locks: Arc<LockTable>,
     next_session: AtomicU64,
+    tmpfs: Option<Tmpfs>,
+    tmp: tempfile::TempDir,
+}
+
+/// Log lines written by a test's own subscriber, to check what the server logs.
+#[derive(Clone, Default)]
+struct LogCapture(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl LogCapture {
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().expect("log buffer")).into_owned()
+    }
+}
+
+impl std::io::Write for LogCapture {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().expect("log buffer").extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for LogCapture {
+    type Writer = LogCapture;
+
+    fn make_writer(&'a self) -> LogCapture {
+        self.clone()
+    }
+}
+
+/// A tmpfs mounted for one test; unmounted on drop.
+struct Tmpfs {
+    at: PathBuf,
+}
+
+impl Tmpfs {
+    /// Mounts a tmpfs of `size` (as `mount -o size=`) at `at`. `None`, with the reason printed,
+    /// when that is impossible here (not root); fails under `HOMEFS_REQUIRE_FUSE=1`, as CI
+    /// runs as root.
+    fn mount(at: &Path, size: &str) -> Option<Tmpfs> {
+        let required = std::env::var_os("HOMEFS_REQUIRE_FUSE").is_some_and(|v| v == "1");
+        if !rustix::process::geteuid().is_root() {
+            assert!(!required, "this test mounts a tmpfs and needs root (HOMEFS_REQUIRE_FUSE=1 is set)");
+            eprintln!("skipped: mounting a tmpfs needs root");
+            return None;
+        }
+        let out = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size},mode=0755"), "homefs-test"])
+            .arg(at)
+            .output()
+            .expect("run mount");
+        if !out.status.success() {
+            let why = String::from_utf8_lossy(&out.stderr);
+            assert!(!required, "mount -t tmpfs failed (HOMEFS_REQUIRE_FUSE=1 is set): {why}");
+            eprintln!("skipped: mount -t tmpfs failed: {why}");
+            return None;
+        }
+        Some(Tmpfs { at: at.to_path_buf() })
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let umount = |lazy: bool| {
+            let mut cmd = std::process::Command::new("umount");
+            if lazy {
+                cmd.arg("--lazy");
+            }
+            cmd.arg(&self.at).status().is_ok_and(|s| s.success())
+        };
+        // Lazily if something still holds it open, so the temp dir can go either way.
+        if !umount(false) && !umount(true) {
+            eprintln!("could not unmount the tmpfs at {}", self.at.display());
+        }
+    }
 }
 
 const SECRET: &[u8] = b"outside the jail";
@@ -30,7 +109,19 @@ impl Fixture {
         std::fs::create_dir(tmp.path().join("outside")).expect("outside dir");
         std::fs::write(tmp.path().join("outside/secret"), SECRET).expect("outside file");
         let homes = Homes::open_root(&tmp.path().join("storage")).expect("open root");
-        Fixture { tmp, homes, locks: Arc::new(LockTable::default()), next_session: AtomicU64::new(1) }
+        Fixture { homes, locks: Arc::new(LockTable::default()), next_session: AtomicU64::new(1), tmpfs: None, tmp }
+    }
+
+    /// A fixture whose storage root is a tmpfs of `size`; `None` when one cannot be mounted.
+    fn on_tmpfs(size: &str) -> Option<Fixture> {
+        let tmp = tempfile::tempdir().expect("temp dir");
+        std::fs::create_dir(tmp.path().join("storage")).expect("storage root");
+        std::fs::create_dir(tmp.path().join("outside")).expect("outside dir");
+        std::fs::write(tmp.path().join("outside/secret"), SECRET).expect("outside file");
+        let tmpfs = Tmpfs::mount(&tmp.path().join("storage"), size)?;
+        let homes = Homes::open_root(&tmp.path().join("storage")).expect("open root");
+        let locks = Arc::new(LockTable::default());
+        Some(Fixture { homes, locks, next_session: AtomicU64::new(1), tmpfs: Some(tmpfs), tmp })
     }
 
     async fn session(&self, user: &str, quota: u64) -> AuthedSession {
@@ -224,6 +315,85 @@ mod jail {
         assert_eq!(err(&s, Request::Link { from: p(abs), to: p("stolen2") }).await, ErrorCode::NotFound);
         use std::os::unix::fs::MetadataExt;
         assert_eq!(std::fs::metadata(f.outside().join("secret")).expect("secret").nlink(), 1);
+        f.assert_outside_untouched();
+    }
+
+    /// A thread keeps exchanging the directory `d` with a symlink to the outside (absolute, then
+    /// relative, by `renameat2(RENAME_EXCHANGE)`) while requests open, stat, checksum and create
+    /// beneath `d`. Whatever the kernel sees mid-lookup, nothing outside is read or created.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_directory_swapped_for_a_symlink_mid_lookup_never_leads_outside() {
+        use std::sync::atomic::AtomicBool;
+        const INSIDE: &[u8] = b"inside";
+        let f = Fixture::new();
+        let s = f.session("alice", 1 << 20).await;
+        ok(&s, Request::Mkdir { path: p("d"), mode: 0o755 }).await;
+        put(&s, "d/secret", INSIDE).await;
+        let abs = f.outside().to_str().expect("utf-8").as_bytes().to_vec();
+        ok(&s, Request::Symlink { target: abs, path: p("l_abs") }).await;
+        ok(&s, Request::Symlink { target: b"../../outside".to_vec(), path: p("l_rel") }).await;
+
+        let stop = Arc::new(AtomicBool::new(false));
+        let home = rustix::fs::open(
+            f.home("alice"),
+            rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::DIRECTORY,
+            rustix::fs::Mode::empty(),
+        )
+        .expect("open home");
+        let swapper = std::thread::spawn({
+            let stop = Arc::clone(&stop);
+            move || {
+                let exchange = rustix::fs::RenameFlags::EXCHANGE;
+                let mut swaps = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    let link = if swaps % 2 == 0 { "l_abs" } else { "l_rel" };
+                    // `d` is the symlink between these two calls, the directory otherwise.
+                    rustix::fs::renameat_with(&home, "d", &home, link, exchange).expect("swap in the link");
+                    std::thread::yield_now();
+                    rustix::fs::renameat_with(&home, "d", &home, link, exchange).expect("swap back");
+                    swaps += 1;
+                    std::thread::yield_now();
+                }
+                swaps
+            }
+        });
+
+        let read_only = OpenFlags { read: true, ..OpenFlags::default() };
+        let inside_sum = blake3::hash(INSIDE);
+        let (mut found, mut missed) = (0u32, 0u32);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        let mut i = 0u32;
+        while i < 600 || found == 0 || missed == 0 {
+            assert!(std::time::Instant::now() < deadline, "the race was not exercised: {found} found, {missed} missed");
+            match s.handle(Request::Open { path: p("d/secret"), flags: read_only, mode: 0 }, Bytes::new()).await {
+                Ok((Response::Opened { fh, .. }, _)) => {
+                    assert_eq!(read(&s, fh, 0, 100).await, INSIDE, "opened something other than d/secret");
+                    ok(&s, Request::Close { fh }).await;
+                    found += 1;
+                }
+                Ok((other, _)) => panic!("open answered {other:?}"),
+                // NotFound while `d` is the link; with the relative link's `..` the kernel may
+                // also answer EAGAIN past the jail's retries, as renames race with the walk.
+                Err(_) => missed += 1,
+            }
+            if let Ok((Response::Attr(a), _)) = s.handle(Request::Stat { path: p("d/secret") }, Bytes::new()).await {
+                assert_eq!(a.size, INSIDE.len() as u64, "stat saw another file");
+            }
+            let sum = Request::Checksum { path: p("d/secret"), start: 0, end: u64::MAX };
+            if let Ok((Response::Checksum { hash, .. }, _)) = s.handle(sum, Bytes::new()).await {
+                assert_eq!(hash, *inside_sum.as_bytes(), "checksum of another file");
+            }
+            let name = format!("d/new{i}");
+            let create = Request::Open { path: p(&name), flags: rw_create(), mode: 0o644 };
+            if let Ok((Response::Opened { fh, .. }, _)) = s.handle(create, Bytes::new()).await {
+                ok(&s, Request::Close { fh }).await;
+            }
+            let _ = s.handle(Request::Mkdir { path: p(format!("d/dir{i}")), mode: 0o755 }, Bytes::new()).await;
+            i += 1;
+        }
+        stop.store(true, Ordering::Relaxed);
+        let swaps = swapper.join().expect("swapper");
+        assert!(swaps > 0);
         f.assert_outside_untouched();
     }
 
@@ -424,6 +594,30 @@ mod files {
         assert_eq!(err(&s, Request::Stat { path: p("d") }).await, ErrorCode::NotFound);
     }
 
+    /// Files belong to fsd's user, so a client never gets set-user-ID or set-group-ID bits, by
+    /// create, mkdir, or chmod through a path or a handle; the sticky bit is kept.
+    #[tokio::test]
+    async fn set_id_bits_are_never_set() {
+        let f = Fixture::new();
+        let s = f.session("alice", 1 << 20).await;
+        let create = Request::Open { path: p("x"), flags: rw_create(), mode: 0o6755 };
+        let Response::Opened { fh, attr } = ok(&s, create).await else { panic!("open") };
+        assert_eq!(attr.perm & 0o6000, 0, "created with {:o}", attr.perm);
+        let Response::Attr(a) = ok(&s, Request::Mkdir { path: p("d"), mode: 0o3755 }).await else { panic!("mkdir") };
+        assert_eq!(a.perm & 0o6000, 0, "mkdir made {:o}", a.perm);
+        assert_eq!(a.perm & 0o1000, 0o1000, "the sticky bit is kept");
+        for handle in [None, Some(fh)] {
+            let set = SetAttr { mode: Some(0o6755), ..SetAttr::default() };
+            let Response::Attr(a) = ok(&s, Request::SetAttr { path: p("x"), fh: handle, set }).await else {
+                panic!("setattr")
+            };
+            assert_eq!(a.perm, 0o755, "chmod 6755 with handle {handle:?}");
+        }
+        use std::os::unix::fs::PermissionsExt;
+        let on_disk = std::fs::metadata(f.home("alice").join("x")).expect("x").permissions().mode();
+        assert_eq!(on_disk & 0o7777, 0o755);
+    }
+
     #[tokio::test]
     async fn copy_range_and_checksum() {
         let f = Fixture::new();
@@ -606,6 +800,56 @@ mod quota {
         assert_eq!(total, scanned, "every accepted byte is on disk");
         assert_eq!(used(&s).await, scanned, "the ledger equals a fresh scan");
         assert!(LIMIT - total < CHUNK as u64, "writers stopped only when a chunk no longer fit");
+    }
+
+    /// Root only: a 4 MiB tmpfs as the storage root, filled through fsd with a quota far above
+    /// it. The write that no longer fits fails with ENOSPC and leaves no partial growth, the
+    /// ledger equals a fresh scan, earlier files are intact, and deleting makes room again.
+    #[tokio::test]
+    async fn a_full_disk_gives_nospace_and_corrupts_nothing() {
+        let Some(f) = Fixture::on_tmpfs("4m") else { return };
+        assert!(f.tmpfs.is_some());
+        let log = LogCapture::default();
+        let _logging = tracing::subscriber::set_default(
+            tracing_subscriber::fmt()
+                .with_writer(log.clone())
+                .with_ansi(false)
+                .with_max_level(tracing::Level::WARN)
+                .finish(),
+        );
+        let s = f.session("alice", 1 << 30).await;
+        let first: Vec<u8> = (0..1_000_000u32).map(|i| (i % 253) as u8).collect();
+        put(&s, "first", &first).await;
+        let fh = open(&s, "fill", rw_create()).await;
+        const CHUNK: usize = 300_000;
+        let mut size = 0u64;
+        let code = loop {
+            match s.handle(Request::Write { fh, offset: size }, Bytes::from(vec![9u8; CHUNK])).await {
+                Ok(_) => size += CHUNK as u64,
+                Err(e) => break e.code,
+            }
+            assert!(size < 8 << 20, "wrote {size} bytes to a 4 MiB file system without an error");
+        };
+        assert_eq!(code, ErrorCode::NoSpace, "a write past the end of the disk");
+        let logged = log.text();
+        assert!(logged.contains("WARN") && logged.contains("request failed") && logged.contains("NoSpace"), "{logged}");
+        assert!(size >= 2 << 20, "the disk filled after only {size} bytes");
+        assert_eq!(stat(&s, "fill").await.size, size, "the failed write left no partial growth");
+        assert_eq!(used(&s).await, first.len() as u64 + size, "the ledger counts what is on disk");
+        assert_eq!(scan_usage(&f.home("alice")).expect("scan"), used(&s).await, "the ledger equals a fresh scan");
+        let on_disk = std::fs::read(f.home("alice").join("first")).expect("first");
+        assert_eq!(blake3::hash(&on_disk), blake3::hash(&first), "an earlier file is intact");
+        let filled = std::fs::read(f.home("alice").join("fill")).expect("fill");
+        assert!(
+            filled.len() as u64 == size && filled.iter().all(|&b| b == 9),
+            "the filled file holds what was acknowledged"
+        );
+        ok(&s, Request::Close { fh }).await;
+        ok(&s, Request::Unlink { path: p("fill") }).await;
+        assert_eq!(used(&s).await, first.len() as u64, "deleting frees at once");
+        put(&s, "again", &vec![1u8; 2 << 20]).await;
+        assert_eq!(scan_usage(&f.home("alice")).expect("scan"), used(&s).await);
+        drop(s);
     }
 }
 

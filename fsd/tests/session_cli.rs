@@ -4,9 +4,14 @@
 #[path = "session_support/mod.rs"]
 mod support;
 
-use homefs_shared::{ErrorCode, OpenFlags, Request, Response, SetAttr, WirePath};
+use bytes::BufMut;
+use homefs_shared::frame::encode_prefix;
+use homefs_shared::{
+    ErrorCode, OpenFlags, Request, RequestHeader, RequestId, Response, SetAttr, WirePath, MAX_DATA_BYTES,
+    MAX_FRAME_BYTES,
+};
 use std::path::Path;
-use support::{fsd, granted, Instance, ServeProcess};
+use support::{fsd, granted, tcp_queues, wait_until, Instance, ServeProcess};
 
 fn list_row(config: &Path, user: &str) -> Option<Vec<String>> {
     let (ok, out, err) = fsd(&["user", "list"], config, "");
@@ -75,8 +80,10 @@ fn user_commands_edit_the_users_file() {
     let users = fsd::accounts::users::UsersFile::load(&inst.dir.join("users.toml")).unwrap();
     assert_ne!(users.users["alice"].password, old_hash);
 
-    // del keeps the home unless --purge.
-    std::fs::create_dir(inst.dir.join("homes/alice")).unwrap();
+    // add made the home, private, before any login; del keeps it unless --purge.
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(inst.dir.join("homes/alice")).expect("user add made the home").permissions().mode();
+    assert_eq!(mode & 0o777, 0o700);
     std::fs::write(inst.dir.join("homes/alice/f"), b"12345").unwrap();
     let (ok, _, err) = fsd(&["user", "del", "alice"], cfg, "");
     assert!(ok, "user del: {err}");
@@ -87,7 +94,7 @@ fn user_commands_edit_the_users_file() {
 
     let (ok, _, _) = fsd(&["user", "add", "carol", "--password-stdin"], cfg, "pw\n");
     assert!(ok);
-    std::fs::create_dir(inst.dir.join("homes/carol")).unwrap();
+    assert!(inst.dir.join("homes/carol").is_dir());
     let (ok, _, err) = fsd(&["user", "del", "carol", "--purge"], cfg, "");
     assert!(ok, "user del --purge: {err}");
     assert!(!inst.dir.join("homes/carol").exists(), "--purge kept the home");
@@ -124,6 +131,84 @@ async fn serve_prints_its_address_and_fingerprint_and_stops_on_sigterm() {
     assert!(log.contains("listening"), "the log file has no start line: {log}");
 }
 
+/// SIGTERM while a 4 MiB write is half received: fsd stops accepting, reads the rest of that
+/// write, writes it, answers it, closes the connection and exits 0; the file holds every byte.
+#[tokio::test]
+async fn sigterm_finishes_a_write_in_flight_then_exits() {
+    let inst = Instance::new("cli-sigterm-write");
+    inst.add_user("sam", "pw");
+    let log = inst.tmp.path().join("fsd.log");
+    let mut server = ServeProcess::start(&inst.config_file, &log);
+    let mut c = server.connect().await;
+    granted(&c.login("sam", "pw").await);
+    let path = WirePath::new(b"big".to_vec()).unwrap();
+    let flags = OpenFlags { write: true, create: true, ..OpenFlags::default() };
+    let Ok(Response::Opened { fh, .. }) = c.call(Request::Open { path, flags, mode: 0o600 }).await else {
+        panic!("open failed")
+    };
+    let data: Vec<u8> = (0..MAX_DATA_BYTES).map(|i| (i % 251) as u8).collect();
+    let id = RequestId(1000);
+    let header = RequestHeader { id, request: Request::Write { fh, offset: 0 } };
+    let mut frame = encode_prefix(&header, data.len(), MAX_FRAME_BYTES).unwrap();
+    frame.put_slice(&data);
+    let half = frame.len() / 2;
+    c.send_raw(&frame[..half]).await;
+    // The first half has left this socket and fsd has read it out of its own: the write is in
+    // flight on the server.
+    let (server_addr, client_addr) = (server.addr, c.local_addr());
+    wait_until("fsd to read the first half of the write", || async move {
+        tcp_queues(client_addr, Some(server_addr)).is_some_and(|q| q.tx == 0)
+            && tcp_queues(server_addr, Some(client_addr)).is_some_and(|q| q.rx == 0)
+    })
+    .await;
+    server.send_sigterm();
+    let log_text = || std::fs::read_to_string(&log).unwrap_or_default();
+    wait_until("fsd to log that it stopped accepting", || {
+        let stopped = log_text().contains("stopped accepting");
+        async move { stopped }
+    })
+    .await;
+    c.send_raw(&frame[half..]).await;
+    let (answer, _) = c.recv().await;
+    assert_eq!(answer.id, id);
+    assert_eq!(answer.result, Ok(Response::Written { len: MAX_DATA_BYTES, size: MAX_DATA_BYTES as u64 }));
+    c.expect_closed("after the last in-flight write during shutdown").await;
+    let status = tokio::task::spawn_blocking(move || server.wait_exit()).await.unwrap();
+    assert!(status.success(), "fsd serve exited with {status} after SIGTERM");
+    let stored = std::fs::read(inst.dir.join("homes/sam/big")).expect("the written file");
+    assert_eq!(blake3::hash(&stored), blake3::hash(&data), "the file holds every byte written ({})", stored.len());
+}
+
+/// Even at the debug level the log has a line per login (user, peer, 201 or 401) but never the
+/// password or the token.
+#[tokio::test]
+async fn logins_are_logged_without_passwords_or_tokens() {
+    const PASSWORD: &str = "correct-horse-battery";
+    const WRONG: &str = "wrong-staple-guess";
+    let inst = Instance::new("cli-log-secrets");
+    inst.add_user("lena", PASSWORD);
+    let log = inst.tmp.path().join("fsd.log");
+    let mut server = ServeProcess::start_with_env(&inst.config_file, &log, &[("RUST_LOG", "debug")]);
+    let mut c = server.connect().await;
+    c.hello().await;
+    let denied = c.call(Request::Login { user: "lena".into(), password: WRONG.into() }).await.unwrap();
+    assert!(support::is_denied(&denied), "{denied:?}");
+    let token = granted(&c.call(Request::Login { user: "lena".into(), password: PASSWORD.into() }).await.unwrap());
+    c.call(Request::Ping).await.unwrap();
+    let mut again = server.connect().await;
+    granted(&again.resume(&token).await);
+    drop((c, again));
+    let status = tokio::task::spawn_blocking(move || server.terminate()).await.unwrap();
+    assert!(status.success());
+    let text = std::fs::read_to_string(&log).unwrap();
+    let logins: Vec<&str> = text.lines().filter(|l| l.contains(" login") && l.contains("user=")).collect();
+    assert!(logins.iter().any(|l| l.contains("code=401") && l.contains("lena") && l.contains("peer=")), "{text}");
+    assert_eq!(logins.iter().filter(|l| l.contains("code=201")).count(), 2, "{text}");
+    for secret in [PASSWORD, WRONG, token.0.as_str()] {
+        assert!(!text.contains(secret), "the log holds a secret {secret:?}:\n{text}");
+    }
+}
+
 /// Root only: `fsd init` as root picks `nobody`; the served process runs as it, and file modes
 /// are enforced (a mode 000 file cannot be read back).
 #[tokio::test]
@@ -140,6 +225,9 @@ async fn served_as_root_the_process_runs_as_run_as() {
     let cfg = inst.config_file.as_path();
     let (ok, _, err) = fsd(&["user", "add", "ruth", "--password-stdin"], cfg, "pw\n");
     assert!(ok, "{err}");
+    use std::os::unix::fs::MetadataExt;
+    let home = std::fs::metadata(inst.dir.join("homes/ruth")).expect("user add made the home");
+    assert_eq!((home.uid(), home.gid()), (nobody.uid.as_raw(), nobody.gid.as_raw()), "the home is run_as's");
     // The instance dir must be searchable by nobody for users file reloads (a tempdir is 0700).
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(inst.tmp.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
@@ -164,6 +252,22 @@ async fn served_as_root_the_process_runs_as_run_as() {
     let set = SetAttr { mode: Some(0), ..SetAttr::default() };
     c.call(Request::SetAttr { path: path.clone(), fh: None, set }).await.unwrap();
     let read = OpenFlags { read: true, ..OpenFlags::default() };
-    let err = c.call(Request::Open { path, flags: read, mode: 0 }).await.expect_err("mode 000 is enforced");
+    let err =
+        c.call(Request::Open { path: path.clone(), flags: read, mode: 0 }).await.expect_err("mode 000 is enforced");
     assert_eq!(err.code, ErrorCode::Access);
+    // chmod by path never opens the file for reading (it may not be readable, as here): under
+    // run_as and Landlock, glibc's no-follow fchmodat (an O_PATH fd and /proc/self/fd) works.
+    let set = SetAttr { mode: Some(0o600), ..SetAttr::default() };
+    c.call(Request::SetAttr { path: path.clone(), fh: None, set }).await.expect("chmod a mode 000 file back");
+    let opened = c.call(Request::Open { path, flags: read, mode: 0 }).await.expect("readable again");
+    assert!(matches!(opened, Response::Opened { .. }), "{opened:?}");
+    // Confined to reading the users file's directory, the server still picks up a new user.
+    let (ok, _, err) = fsd(&["user", "add", "sven", "--password-stdin"], cfg, "pw2\n");
+    assert!(ok, "{err}");
+    let server = &server;
+    support::wait_until("the running server to pick up a new user", || async move {
+        let mut c = server.connect().await;
+        matches!(c.login("sven", "pw2").await, Response::Login { code: 201, .. })
+    })
+    .await;
 }

@@ -120,11 +120,7 @@ fn split_body(mut body: Bytes) -> Result<Frame, FrameError> {
 ///
 /// # Errors
 /// [`FrameError::TooLong`] when header and data would not fit in `max_frame_bytes`.
-pub fn encode_prefix<T: Serialize>(
-    header: &T,
-    data_len: usize,
-    max_frame_bytes: u32,
-) -> Result<BytesMut, FrameError> {
+pub fn encode_prefix<T: Serialize>(header: &T, data_len: usize, max_frame_bytes: u32) -> Result<BytesMut, FrameError> {
     let encoded = postcard::to_stdvec(header)?;
     let body_len = 4 + encoded.len() as u64 + data_len as u64;
     if body_len > max_frame_bytes as u64 {

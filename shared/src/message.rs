@@ -112,6 +112,10 @@ pub enum Request {
     TestLock { fh: Fh, lock: LockSpec },
     /// Keeps an idle connection open: answered by `Response::Done`.
     Ping,
+    /// As `Write` (the frame's data is written at `offset`), answered by `Response::WrittenAttr`
+    /// with the file's attributes after the write, so a client that caches attributes needs no
+    /// `Stat` after each write. Appended in protocol 1 (see PROTOCOL.md, "Compound requests").
+    WriteAttr { fh: Fh, offset: u64 },
 }
 
 /// What the server answers.
@@ -145,6 +149,8 @@ pub enum Response {
     Checksum { hash: [u8; 32], len: u64, size: u64, mtime: Timestamp },
     /// The conflicting lock, if any.
     LockTest(Option<LockSpec>),
+    /// Answers `WriteAttr`: bytes written, and the file's attributes after the write.
+    WrittenAttr { len: u32, attr: Attr },
 }
 
 /// Seconds and nanoseconds since the Unix epoch.

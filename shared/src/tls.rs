@@ -128,7 +128,11 @@ pub struct PinVerifier {
 impl PinVerifier {
     /// Accepts only a certificate with this fingerprint (`SHA256:...`).
     pub fn pinned(fingerprint: impl Into<String>) -> Arc<PinVerifier> {
-        Arc::new(PinVerifier { expected: Some(fingerprint.into()), seen: Mutex::new(None), provider: crypto_provider() })
+        Arc::new(PinVerifier {
+            expected: Some(fingerprint.into()),
+            seen: Mutex::new(None),
+            provider: crypto_provider(),
+        })
     }
 
     /// Accepts any certificate and records its fingerprint, for trust on first use: the caller
@@ -155,9 +159,9 @@ impl ServerCertVerifier for PinVerifier {
         let fp = fingerprint(end_entity);
         *self.seen.lock().unwrap_or_else(|p| p.into_inner()) = Some(fp.clone());
         match &self.expected {
-            Some(expected) if *expected != fp => Err(rustls::Error::InvalidCertificate(
-                rustls::CertificateError::ApplicationVerificationFailure,
-            )),
+            Some(expected) if *expected != fp => {
+                Err(rustls::Error::InvalidCertificate(rustls::CertificateError::ApplicationVerificationFailure))
+            }
             _ => Ok(ServerCertVerified::assertion()),
         }
     }

@@ -111,7 +111,30 @@ pub fn add(config: &Config, name: &str, quota: Option<ByteSize>, password: &str)
         return Err(AdminError::Exists(name.to_string()));
     }
     file.users.insert(name.to_string(), UserEntry { password: hash(config, password)?, quota });
-    Ok(file.save(path)?)
+    file.save(path)?;
+    create_home(config, name)
+}
+
+/// Creates the user's home (mode 0700) if it does not exist, so it is there before the first
+/// login; as root, it is handed to `run_as`, the user the server works as. An existing entry
+/// (a kept home, or anything else under that name) is left alone: the server opens homes without
+/// following symlinks and refuses what is not a directory.
+fn create_home(config: &Config, name: &str) -> Result<(), AdminError> {
+    use std::os::unix::fs::DirBuilderExt;
+    let home = config.storage.root.join(name);
+    let home_err = |error| AdminError::Home { path: home.clone(), error };
+    match std::fs::DirBuilder::new().mode(0o700).create(&home) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => return Ok(()),
+        Err(e) => return Err(home_err(e)),
+    }
+    if crate::privs::is_root() && !config.run_as.is_empty() {
+        let to = crate::privs::lookup(&config.run_as)
+            .map_err(|e| home_err(io::Error::new(io::ErrorKind::NotFound, e.to_string())))?;
+        // lchown: never follows a link, whatever replaced the directory meanwhile.
+        std::os::unix::fs::lchown(&home, Some(to.uid.as_raw()), Some(to.gid.as_raw())).map_err(home_err)?;
+    }
+    Ok(())
 }
 
 /// Changes a user's password (which also revokes their tokens).

@@ -21,7 +21,7 @@ use tracing::{info, warn};
 
 use crate::config::Config;
 use auth::Hasher;
-use throttle::Throttle;
+use throttle::{Throttle, Verdict};
 use token::TokenKey;
 use users::{UsersError, UsersFile};
 
@@ -113,6 +113,11 @@ impl Accounts {
         self.users.read().unwrap_or_else(|p| p.into_inner()).0.clone()
     }
 
+    /// Whether `user` is in the users file as last loaded (a session of a deleted user ends).
+    pub fn exists(&self, user: &str) -> bool {
+        self.users().users.contains_key(user)
+    }
+
     /// The number of users currently known.
     pub fn count(&self) -> usize {
         self.users().users.len()
@@ -123,7 +128,9 @@ impl Accounts {
         // An invalid name is checked like an unknown user; it is logged and throttled under one
         // key, so a peer cannot fill the log or the throttle's maps with long names.
         let name = if users::is_valid_name(user) { user } else { "<invalid>" };
-        self.wait_if_throttled(peer, name).await;
+        if !self.wait_if_throttled(peer, name, "password").await {
+            return Login::Denied;
+        }
         let entry = self.users().users.get(name).cloned().filter(|_| name == user);
         let known = entry.is_some();
         let ok = self.hasher.verify_async(entry.as_ref().map(|e| e.password.clone()), password).await;
@@ -142,7 +149,9 @@ impl Accounts {
     pub async fn login_token(&self, token: &Token, peer: IpAddr) -> Login {
         let claimed = TokenKey::claimed_user(token).ok().filter(|u| users::is_valid_name(u));
         let name = claimed.as_deref().unwrap_or("<invalid>");
-        self.wait_if_throttled(peer, name).await;
+        if !self.wait_if_throttled(peer, name, "token").await {
+            return Login::Denied;
+        }
         let entry = self.users().users.get(name).cloned();
         let phc = entry.as_ref().map(|e| e.password.as_str());
         match (self.key.verify(token, SystemTime::now(), phc), entry) {
@@ -156,16 +165,27 @@ impl Accounts {
         }
     }
 
-    async fn wait_if_throttled(&self, peer: IpAddr, name: &str) {
-        let delay = self.throttle.delay(peer, name);
-        if !delay.is_zero() {
-            warn!(user = name, %peer, delay_ms = delay.as_millis() as u64, "login throttled");
-            tokio::time::sleep(delay).await;
+    /// Counts the attempt (as failed until it succeeds) and waits out its throttle delay.
+    /// Returns whether the credentials may be checked; `false`: deny without checking.
+    async fn wait_if_throttled(&self, peer: IpAddr, name: &str, method: &str) -> bool {
+        match self.throttle.attempt(peer, name) {
+            Verdict::CheckAfter(delay) if delay.is_zero() => true,
+            Verdict::CheckAfter(delay) => {
+                warn!(user = name, %peer, delay_ms = delay.as_millis() as u64, "login throttled");
+                tokio::time::sleep(delay).await;
+                true
+            }
+            Verdict::DenyAfter(delay) => {
+                warn!(user = name, %peer, delay_ms = delay.as_millis() as u64, "login refused: too many attempts queued");
+                tokio::time::sleep(delay).await;
+                info!(user = name, %peer, code = 401, method, reason = "throttled", "login");
+                false
+            }
         }
     }
 
     fn grant(&self, user: &str, entry: &users::UserEntry, peer: IpAddr, method: &str) -> Login {
-        self.throttle.succeed(user);
+        self.throttle.succeed(peer, user);
         info!(user, %peer, code = 201, method, "login");
         let token = self.key.issue(user, SystemTime::now() + self.ttl, &entry.password);
         let quota = entry.quota.map_or(self.default_quota, |q| q.bytes());

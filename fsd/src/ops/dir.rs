@@ -3,10 +3,11 @@
 use homefs_shared::{Attr, DirEntry, WirePath};
 use rustix::fs::{AtFlags, Dir, Mode, OFlags};
 use rustix::io::Errno;
+use std::collections::BinaryHeap;
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 
-use super::meta::attr_of;
+use super::meta::{attr_of, CLIENT_MODE_BITS};
 use super::OpError;
 use crate::home::Jail;
 
@@ -33,17 +34,26 @@ pub fn read_dir(
 ) -> Result<(Vec<DirEntry>, bool), OpError> {
     let fd = jail.open(path, OFlags::RDONLY | OFlags::DIRECTORY, Mode::empty())?;
     let mut dir = Dir::new(fd)?;
-    let mut names: Vec<Vec<u8>> = Vec::new();
+    let max = max_entries.clamp(1, MAX_PAGE_ENTRIES) as usize;
+    // Only the `max + 1` smallest names after `after` are kept (the max-heap evicts its largest),
+    // so a page of a huge directory holds one page of names, not the whole directory; the one
+    // extra name tells whether more remain.
+    let mut smallest: BinaryHeap<Vec<u8>> = BinaryHeap::with_capacity(max + 2);
     while let Some(entry) = dir.read() {
         let entry = entry?;
         let name = entry.file_name().to_bytes();
         if name == b"." || name == b".." || after.is_some_and(|a| name <= a) {
             continue;
         }
-        names.push(name.to_vec());
+        if smallest.len() > max && smallest.peek().is_some_and(|largest| name >= largest.as_slice()) {
+            continue;
+        }
+        smallest.push(name.to_vec());
+        if smallest.len() > max + 1 {
+            smallest.pop();
+        }
     }
-    names.sort_unstable();
-    let max = max_entries.clamp(1, MAX_PAGE_ENTRIES) as usize;
+    let names = smallest.into_sorted_vec();
     let dirfd = dir.fd()?;
     let mut entries = Vec::new();
     let mut bytes = 0;
@@ -72,7 +82,7 @@ const MAX_NAME_ENTRY: usize = homefs_shared::path::MAX_NAME_BYTES + ENTRY_OVERHE
 /// Mkdir: creates the directory (mode as given, less the server's umask) and returns its attributes.
 pub fn mkdir(jail: &Jail, path: &WirePath, mode: u32) -> Result<Attr, OpError> {
     let (dir, name) = jail.parent(path)?;
-    rustix::fs::mkdirat(&dir, name, Mode::from_raw_mode(mode & 0o7777))?;
+    rustix::fs::mkdirat(&dir, name, Mode::from_raw_mode(mode & CLIENT_MODE_BITS))?;
     Ok(attr_of(&rustix::fs::statat(&dir, name, AtFlags::SYMLINK_NOFOLLOW)?))
 }
 

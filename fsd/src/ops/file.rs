@@ -9,7 +9,7 @@ use std::os::fd::{AsFd, BorrowedFd};
 use std::sync::Arc;
 
 use super::handles::Handle;
-use super::meta::{attr_of, truncate_fd};
+use super::meta::{attr_of, truncate_fd, CLIENT_MODE_BITS};
 use super::sizing::{change_size, size_of};
 use super::OpError;
 use crate::home::{Jail, QuotaLedger};
@@ -46,7 +46,7 @@ pub fn open(
     }
     // Not O_TRUNC: truncation frees quota, so it is done below inside the size section.
     // openat2 refuses a mode without O_CREAT (EINVAL), unlike open(2), which ignores it.
-    let mode = if flags.create { Mode::from_raw_mode(mode & 0o7777) } else { Mode::empty() };
+    let mode = if flags.create { Mode::from_raw_mode(mode & CLIENT_MODE_BITS) } else { Mode::empty() };
     let fd = jail.open(path, how, mode)?;
     if flags.truncate {
         truncate_fd(quota, fd.as_fd(), 0)?;
@@ -83,6 +83,15 @@ pub fn write(quota: &Arc<dyn QuotaLedger>, handle: &Handle, offset: u64, data: &
     let target = |old: u64| if handle.append { old.saturating_add(len) } else { old.max(offset.saturating_add(len)) };
     let ((), st) = change_size(quota, fd, target, |old| write_all_at(fd, data, offset, old))?;
     Ok(size_of(&st))
+}
+
+/// As [`write`], returning the file's attributes after the write (for `WriteAttr`).
+pub fn write_attr(quota: &Arc<dyn QuotaLedger>, handle: &Handle, offset: u64, data: &[u8]) -> Result<Attr, OpError> {
+    let len = data.len() as u64;
+    let fd = handle.fd.as_fd();
+    let target = |old: u64| if handle.append { old.saturating_add(len) } else { old.max(offset.saturating_add(len)) };
+    let ((), st) = change_size(quota, fd, target, |old| write_all_at(fd, data, offset, old))?;
+    Ok(attr_of(&st))
 }
 
 /// Writes every byte, looping on short writes. If it fails part-way after growing the file, the

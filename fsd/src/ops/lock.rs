@@ -17,6 +17,13 @@ use tokio::sync::Notify;
 /// gave up (its process was interrupted) stops waiting within this bound.
 pub const LOCK_WAIT: Duration = Duration::from_secs(10);
 
+/// Most lock ranges held on one file, by all owners together. Each distinct range is an entry
+/// that every later request on the file scans, so without a bound one client could grow the
+/// table (and the cost of every check) without end by locking byte after byte; past it a
+/// request that would add ranges gets `ENOLCK`, as the kernel answers when it runs out of locks.
+/// Real programs (databases, editors) hold a handful per file.
+pub const MAX_LOCKS_PER_FILE: usize = 1024;
+
 /// A file's identity on the server: `(st_dev, st_ino)` of the open file.
 pub type FileId = (u64, u64);
 
@@ -87,12 +94,14 @@ impl FileLocks {
         })
     }
 
-    /// Grants, changes or releases `owner`'s lock, or reports a conflict (changing nothing).
-    fn apply(&mut self, owner: Owner, spec: &LockSpec) -> Result<(), ()> {
+    /// Grants, changes or releases `owner`'s lock, or reports why not (changing nothing).
+    fn apply(&mut self, owner: Owner, spec: &LockSpec) -> Result<(), Refused> {
         let (start, end) = if owner.is_flock() { (0, u64::MAX) } else { (spec.start, spec.end) };
         if spec.kind != LockKind::Unlock && self.conflict(owner, spec.kind, start, end).is_some() {
-            return Err(());
+            return Err(Refused::Conflict);
         }
+        // Splitting a range (even by an unlock) adds one; undone if that passes the bound.
+        let before = (self.held.len() >= MAX_LOCKS_PER_FILE - 1).then(|| self.held.clone());
         // Carve [start, end] out of the owner's ranges, keeping what lies outside it.
         let mut kept = Vec::with_capacity(self.held.len() + 2);
         for h in self.held.drain(..) {
@@ -123,11 +132,32 @@ impl FileLocks {
             });
             self.held.push(Held { owner, kind: spec.kind, start, end, client_owner: spec.owner, pid: spec.pid });
         }
+        if self.held.len() > MAX_LOCKS_PER_FILE {
+            if let Some(before) = before {
+                self.held = before;
+                return Err(Refused::TooMany);
+            }
+        }
         // An unlock, a downgrade or a shrink may let a waiter in; waking them all is cheap and
         // each re-checks its own request.
         self.wake.notify_waiters();
         Ok(())
     }
+}
+
+/// Why a lock request was not applied.
+enum Refused {
+    /// Another owner holds a conflicting lock.
+    Conflict,
+    /// The file would hold more than [`MAX_LOCKS_PER_FILE`] ranges.
+    TooMany,
+}
+
+/// Why one attempt did not take the lock.
+enum NotTaken {
+    /// Wait for this wake-up, then try again.
+    Conflict(tokio::sync::futures::OwnedNotified),
+    TooMany,
 }
 
 /// All locks held on this server.
@@ -159,7 +189,8 @@ impl LockTable {
     /// With `wait`, waits up to [`LOCK_WAIT`] for conflicting locks to go.
     ///
     /// # Errors
-    /// [`ErrorCode::WouldBlock`] when another owner holds a conflicting lock (after the wait).
+    /// [`ErrorCode::WouldBlock`] when another owner holds a conflicting lock (after the wait);
+    /// [`ErrorCode::NoLocks`] when the file already holds [`MAX_LOCKS_PER_FILE`] ranges.
     pub async fn lock(&self, file: FileId, session: u64, fh: u64, spec: LockSpec, wait: bool) -> Result<(), ErrorCode> {
         self.lock_within(file, session, fh, spec, if wait { LOCK_WAIT } else { Duration::ZERO }).await
     }
@@ -181,8 +212,9 @@ impl LockTable {
         loop {
             let woken = match self.try_lock(file, owner, &spec) {
                 Ok(()) => return Ok(()),
-                Err(_) if max_wait.is_zero() => return Err(ErrorCode::WouldBlock),
-                Err(woken) => woken,
+                Err(NotTaken::TooMany) => return Err(ErrorCode::NoLocks),
+                Err(NotTaken::Conflict(_)) if max_wait.is_zero() => return Err(ErrorCode::WouldBlock),
+                Err(NotTaken::Conflict(woken)) => woken,
             };
             self.waiting.fetch_add(1, Ordering::SeqCst);
             let _waiting = Waiting(&self.waiting);
@@ -194,7 +226,7 @@ impl LockTable {
 
     /// One attempt; on a conflict, a wake-up registered before the table's lock was let go, so
     /// no release can slip between the check and the wait.
-    fn try_lock(&self, file: FileId, owner: Owner, spec: &LockSpec) -> Result<(), tokio::sync::futures::OwnedNotified> {
+    fn try_lock(&self, file: FileId, owner: Owner, spec: &LockSpec) -> Result<(), NotTaken> {
         let mut files = self.files();
         let locks = files.entry(file).or_default();
         match locks.apply(owner, spec) {
@@ -204,7 +236,8 @@ impl LockTable {
                 }
                 Ok(())
             }
-            Err(()) => Err(Arc::clone(&locks.wake).notified_owned()),
+            Err(Refused::Conflict) => Err(NotTaken::Conflict(Arc::clone(&locks.wake).notified_owned())),
+            Err(Refused::TooMany) => Err(NotTaken::TooMany),
         }
     }
 
@@ -375,5 +408,24 @@ mod tests {
             assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {n} lock waiter(s)");
             tokio::task::yield_now().await;
         }
+    }
+
+    #[tokio::test]
+    async fn ranges_per_file_are_bounded() {
+        let t = LockTable::default();
+        // Every other byte: nothing merges, each lock is its own range.
+        for i in 0..MAX_LOCKS_PER_FILE as u64 - 1 {
+            t.lock(F, 1, 1, posix(LockKind::Read, 2 * i, 2 * i, 1), false).await.expect("within the bound");
+        }
+        let far = 1 << 40;
+        t.lock(F, 1, 1, posix(LockKind::Read, far, far + 100, 1), false).await.expect("the last one that fits");
+        assert_eq!(t.held(F), MAX_LOCKS_PER_FILE);
+        let e = t.lock(F, 2, 1, posix(LockKind::Read, far + 200, far + 200, 2), false).await;
+        assert_eq!(e, Err(ErrorCode::NoLocks), "a range past the bound");
+        let e = t.lock(F, 1, 1, posix(LockKind::Unlock, far + 50, far + 50, 1), false).await;
+        assert_eq!(e, Err(ErrorCode::NoLocks), "an unlock that splits a range past the bound");
+        assert_eq!(t.held(F), MAX_LOCKS_PER_FILE, "refused requests change nothing");
+        t.lock(F, 1, 1, posix(LockKind::Unlock, 0, u64::MAX, 1), false).await.expect("unlock all");
+        assert_eq!(t.held(F), 0);
     }
 }

@@ -19,6 +19,12 @@ pub const BLOCK_SIZE: u32 = 1 << 20;
 /// The longest name, as [`homefs_shared::path::MAX_NAME_BYTES`].
 const MAX_NAME: u32 = homefs_shared::path::MAX_NAME_BYTES as u32;
 
+/// The mode bits a client may set (create, mkdir, chmod): permissions and the sticky bit, never
+/// set-user-ID or set-group-ID. Every file belongs to fsd's `run_as` user, so a set-user-ID
+/// executable uploaded by any user would run as fsd for whoever on the machine can reach it
+/// (once that user makes their home searchable), and could then read every home.
+pub const CLIENT_MODE_BITS: u32 = 0o1777;
+
 /// What the client sees of a `Stat`.
 pub fn attr_of(st: &Stat) -> Attr {
     let kind = match FileType::from_raw_mode(st.st_mode) {
@@ -75,7 +81,7 @@ pub fn set_attr(
         truncate(jail, quota, path, handle, size)?;
     }
     if let Some(mode) = set.mode {
-        let mode = mode & 0o7777;
+        let mode = mode & CLIENT_MODE_BITS;
         match handle {
             Some(h) => rustix::fs::fchmod(&h.fd, Mode::from_raw_mode(mode))?,
             None => {

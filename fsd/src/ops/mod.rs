@@ -70,7 +70,14 @@ impl AuthedSession {
         tracing::debug!(session = self.id, ?request, data = data.len(), "request");
         let result = self.dispatch(request, data).await;
         if let Err(e) = &result {
-            tracing::debug!(session = self.id, code = ?e.code(), error = %e, "request failed");
+            match e.code() {
+                // Trouble on the server's side (the disk, the file system) is worth an operator's
+                // look; the rest (ENOENT, EEXIST, EDQUOT, ...) is the client's business.
+                ErrorCode::Io | ErrorCode::NoSpace | ErrorCode::ReadOnly | ErrorCode::Stale => {
+                    tracing::warn!(user = self.user(), code = ?e.code(), error = %e, "request failed");
+                }
+                code => tracing::debug!(session = self.id, ?code, error = %e, "request failed"),
+            }
         }
         result.map_err(WireError::from)
     }
@@ -124,6 +131,12 @@ impl AuthedSession {
                 let len = u32::try_from(data.len()).map_err(|_| ErrorCode::TooBig)?;
                 let size = jail.run(move |_| file::write(&quota, &h, offset, &data)).await?;
                 Response::Written { len, size }
+            }
+            Request::WriteAttr { fh, offset } => {
+                let h = self.handles.get(fh)?;
+                let len = u32::try_from(data.len()).map_err(|_| ErrorCode::TooBig)?;
+                let attr = jail.run(move |_| file::write_attr(&quota, &h, offset, &data)).await?;
+                Response::WrittenAttr { len, attr }
             }
             Request::Close { fh } => {
                 let h = self.handles.remove(fh).ok_or(ErrorCode::BadHandle)?;

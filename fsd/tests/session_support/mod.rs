@@ -79,6 +79,8 @@ impl Instance {
 pub struct Server {
     pub addr: SocketAddr,
     pub fingerprint: String,
+    /// The server's state, to observe it (e.g. its read budget).
+    pub state: Arc<fsd::State>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -89,11 +91,12 @@ impl Server {
         let addr = listener.local_addr().expect("local addr");
         let state = tokio::task::spawn_blocking(move || fsd::State::load(config)).await.expect("join").expect("load");
         let fingerprint = state.fingerprint().to_string();
+        let state = Arc::new(state);
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(fsd::serve(listener, Arc::new(state), async move {
+        let task = tokio::spawn(fsd::serve(listener, Arc::clone(&state), async move {
             let _ = stopped.await;
         }));
-        Server { addr, fingerprint, stop: Some(stop), task }
+        Server { addr, fingerprint, state, stop: Some(stop), task }
     }
 
     /// Stops accepting, lets connections finish, and waits for `serve` to return.
@@ -123,6 +126,11 @@ impl Conn {
         let name = rustls::pki_types::ServerName::try_from("localhost").expect("name");
         let tls = tokio::time::timeout(WAIT, connector.connect(name, tcp)).await.expect("TLS in time").expect("TLS");
         Conn { framed: Framed::new(tls, FrameCodec::new(MAX_FRAME_BYTES)), next_id: 1 }
+    }
+
+    /// This end's address (the server sees it as the peer).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.framed.get_ref().get_ref().0.local_addr().expect("local addr")
     }
 
     /// Sends a request (with no data); returns its id.
@@ -277,7 +285,13 @@ pub struct ServeProcess {
 impl ServeProcess {
     /// Starts `fsd serve --config F` and waits for its two lines on stdout.
     pub fn start(config: &Path, log_file: &Path) -> ServeProcess {
+        ServeProcess::start_with_env(config, log_file, &[])
+    }
+
+    /// [`ServeProcess::start`] with extra environment variables (e.g. `RUST_LOG`).
+    pub fn start_with_env(config: &Path, log_file: &Path, env: &[(&str, &str)]) -> ServeProcess {
         let mut child = Command::new(fsd_bin())
+            .envs(env.iter().copied())
             .args(["serve", "--config"])
             .arg(config)
             .arg("--log-file")
@@ -313,9 +327,19 @@ impl ServeProcess {
 
     /// Sends SIGTERM and waits for the exit status.
     pub fn terminate(&mut self) -> std::process::ExitStatus {
+        self.send_sigterm();
+        self.wait_exit()
+    }
+
+    /// Sends SIGTERM without waiting.
+    pub fn send_sigterm(&self) {
         let pid = self.child.id().to_string();
         let ok = Command::new("kill").args(["-TERM", &pid]).status().expect("kill");
         assert!(ok.success(), "kill -TERM {pid}");
+    }
+
+    /// Waits (blocking, at most `WAIT`) for the process to exit after a SIGTERM.
+    pub fn wait_exit(&mut self) -> std::process::ExitStatus {
         let deadline = Instant::now() + WAIT;
         loop {
             if let Some(status) = self.child.try_wait().expect("wait") {
@@ -332,4 +356,37 @@ impl Drop for ServeProcess {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// The kernel's queues of one IPv4 TCP socket, from `/proc/net/tcp`: for a listening socket
+/// (`remote` None) `rx` is the number of connections waiting to be accepted; for a connected one,
+/// `tx` is bytes sent but not yet acknowledged and `rx` bytes received that the process has not
+/// read yet. `None` when no such socket exists.
+pub fn tcp_queues(local: SocketAddr, remote: Option<SocketAddr>) -> Option<TcpQueues> {
+    let hex = |a: SocketAddr| match a {
+        SocketAddr::V4(v4) => format!("{:08X}:{:04X}", u32::from_le_bytes(v4.ip().octets()), v4.port()),
+        SocketAddr::V6(_) => panic!("tcp_queues reads /proc/net/tcp, which has IPv4 sockets only"),
+    };
+    let (want_local, want_remote) = (hex(local), remote.map(hex));
+    let table = std::fs::read_to_string("/proc/net/tcp").expect("read /proc/net/tcp");
+    table.lines().skip(1).find_map(|line| {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        let (l, r, state, queues) = (*f.get(1)?, *f.get(2)?, *f.get(3)?, *f.get(4)?);
+        let matches = match &want_remote {
+            None => state == "0A", // TCP_LISTEN
+            Some(want) => r == want,
+        };
+        if l != want_local || !matches {
+            return None;
+        }
+        let (tx, rx) = queues.split_once(':')?;
+        Some(TcpQueues { tx: u64::from_str_radix(tx, 16).ok()?, rx: u64::from_str_radix(rx, 16).ok()? })
+    })
+}
+
+/// See [`tcp_queues`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TcpQueues {
+    pub tx: u64,
+    pub rx: u64,
 }

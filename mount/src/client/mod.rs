@@ -24,6 +24,7 @@ mod handles;
 pub mod known_hosts;
 pub mod login_args;
 mod mux;
+mod stats;
 
 pub use addr::AddrError;
 pub use login_args::LoginArgs;
@@ -117,6 +118,8 @@ struct Inner {
     in_flight: Semaphore,
     reconnect_timeout: Duration,
     handles: Handles,
+    /// Requests sent, by kind (the profile of a workload in round trips).
+    counts: stats::Counts,
 }
 
 impl Drop for Inner {
@@ -191,6 +194,7 @@ impl Client {
                 in_flight: Semaphore::new(opts.max_in_flight.max(1)),
                 reconnect_timeout: opts.reconnect_timeout,
                 handles: Handles::default(),
+                counts: stats::Counts::default(),
             }),
         })
     }
@@ -230,6 +234,12 @@ impl Client {
     /// How many handles from [`Client::open`] are not yet closed.
     pub fn open_handles(&self) -> usize {
         self.inner.handles.len()
+    }
+
+    /// How many requests of each kind this client has sent (kinds never sent are left out):
+    /// the round trips a workload cost.
+    pub fn request_counts(&self) -> Vec<(&'static str, u64)> {
+        self.inner.counts.snapshot()
     }
 
     /// Sends any request and waits for its answer (bounded by the reconnect timeout).
@@ -278,6 +288,7 @@ impl Client {
                 Err(Attempt::Lost(SendError::TimedOut)) => return Err(lost_error(SendError::TimedOut)),
                 Err(Attempt::Lost(_)) => continue,
             };
+            self.inner.counts.count(&sent);
             match conn.request(sent, data.clone()).await {
                 Ok((Ok(resp), data)) => return Ok((resp, data, conn.epoch)),
                 Ok((Err(e), _)) => return Err(e),
@@ -295,6 +306,7 @@ impl Client {
         match &mut r {
             Request::Read { fh, .. }
             | Request::Write { fh, .. }
+            | Request::WriteAttr { fh, .. }
             | Request::Close { fh }
             | Request::Fsync { fh, .. }
             | Request::Lock { fh, .. }
@@ -324,7 +336,9 @@ impl Client {
             }
             Lookup::Reopen { path, flags, mode } => (path, flags, mode),
         };
-        let answer = conn.request(Request::Open { path: path.clone(), flags, mode }, Bytes::new()).await;
+        let reopen = Request::Open { path: path.clone(), flags, mode };
+        self.inner.counts.count(&reopen);
+        let answer = conn.request(reopen, Bytes::new()).await;
         match answer {
             Ok((Ok(Response::Opened { fh: server, .. }), _)) => match handles.reopened(fh, conn.epoch, server) {
                 Some((use_fh, extra)) => {
@@ -468,6 +482,25 @@ impl Client {
         }
     }
 
+    /// Writes all of `data` (at most [`MAX_DATA_BYTES`]) at `offset` in one request, and returns
+    /// the file's attributes after the write (`WriteAttr`: no `Stat` needed to know them).
+    ///
+    /// # Errors
+    /// As [`Client::write`]; `TooBig` for more than [`MAX_DATA_BYTES`].
+    pub async fn write_attr(&self, fh: Fh, offset: u64, data: Bytes) -> Result<Attr, WireError> {
+        if data.len() > MAX_DATA_BYTES as usize {
+            return Err(WireError::new(ErrorCode::TooBig, "one write_attr takes at most MAX_DATA_BYTES"));
+        }
+        let n = data.len();
+        match self.exec(Request::WriteAttr { fh, offset }, data).await? {
+            (Response::WrittenAttr { len, attr }, _, _) if len as usize == n => Ok(attr),
+            (Response::WrittenAttr { len, .. }, _, _) => {
+                Err(WireError::new(ErrorCode::Io, format!("short write: {len} of {n} bytes")))
+            }
+            _ => Err(unexpected("WriteAttr")),
+        }
+    }
+
     /// Closes a handle. A handle whose connection is gone needs nothing sent: the server closed
     /// it when that session ended.
     pub async fn close(&self, fh: Fh) -> Result<(), WireError> {
@@ -478,7 +511,9 @@ impl Client {
         };
         let Some(conn) = self.inner.mux.current().filter(|c| c.epoch == epoch) else { return Ok(()) };
         let _permit = self.inner.in_flight.acquire().await.expect("the in-flight semaphore is never closed");
-        match conn.request(Request::Close { fh: server }, Bytes::new()).await {
+        let request = Request::Close { fh: server };
+        self.inner.counts.count(&request);
+        match conn.request(request, Bytes::new()).await {
             Ok((Ok(_), _)) => Ok(()),
             Ok((Err(e), _)) => Err(e),
             Err(SendError::TimedOut) => Err(lost_error(SendError::TimedOut)),

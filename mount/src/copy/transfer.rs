@@ -157,16 +157,34 @@ async fn put_once(
         Prefix::Fresh => (0, blake3::Hasher::new(), 0),
     };
 
-    // Quota: refuse before creating or sending anything. A corrupted partial file we are about to
-    // truncate gives its space back.
+    // Quota: refuse before sending anything. A corrupted partial file we are about to truncate
+    // gives its space back. With nothing to reclaim, the free space is asked for together with
+    // the open (one round trip less a file); a refused put then removes the empty file it made.
     let needs = id.size - start;
-    let free = client.statfs().await?.free_bytes.saturating_add(reclaimed);
-    if needs > free {
-        return Err(CopyError::Quota { needs, free });
-    }
-
     let flags = OpenFlags { write: true, create: true, truncate: start == 0, ..OpenFlags::default() };
-    let (fh, _) = client.open(&part, flags, 0o600).await?;
+    let fh = if reclaimed == 0 && start == 0 {
+        let (statfs, opened) = futures::join!(client.statfs(), client.open(&part, flags, 0o600));
+        let (fh, _) = opened?;
+        let free = match statfs {
+            Ok(s) => s.free_bytes,
+            Err(e) => {
+                let _ = client.close(fh).await;
+                return Err(e.into());
+            }
+        };
+        if needs > free {
+            let _ = client.close(fh).await;
+            let _ = client.unlink(&part).await;
+            return Err(CopyError::Quota { needs, free });
+        }
+        fh
+    } else {
+        let free = client.statfs().await?.free_bytes.saturating_add(reclaimed);
+        if needs > free {
+            return Err(CopyError::Quota { needs, free });
+        }
+        client.open(&part, flags, 0o600).await?.0
+    };
     if start > 0 {
         // Drop what lies past the verified prefix (holes left by writes that were in flight).
         let cut = SetAttr { size: Some(start), ..SetAttr::default() };
@@ -176,29 +194,45 @@ async fn put_once(
         }
     }
     bar.set_position(start);
-    let streamed = stream_up(client, fh, local, start, hasher, bar).await;
-    let streamed = match streamed {
-        Ok(s) => client.fsync(fh, false).await.map(|()| s).map_err(CopyError::from),
-        Err(e) => Err(e),
-    };
-    let closed = client.close(fh).await;
-    let (hasher, total) = streamed?;
-    closed?;
-    if total != id.size {
-        return Err(CopyError::SourceChanged);
-    }
-
-    let (hash, covered, _, _) = client.checksum(&part, 0, u64::MAX).await?;
-    if covered != total || hasher.finalize().as_bytes() != &hash {
-        return Err(CopyError::Verify);
-    }
+    let streamed = stream_up(client, fh, local, start, id.size, hasher, bar).await;
+    // Once every write is answered: the fsync, the server's checksum (of what the file holds; it
+    // need not wait for the disk) and the final mode and mtime go at once, then close and rename
+    // at once; the rename only after the hash matched.
     let set = SetAttr {
         mode: Some(meta.permissions().mode() & if opts.preserve { 0o7777 } else { 0o777 }),
         mtime: opts.preserve.then_some(SetTime::At(id.mtime)),
         ..SetAttr::default()
     };
-    client.setattr(&part, None, set).await?;
-    client.rename(&part, remote, RenameFlags::default()).await?;
+    let finished = match streamed {
+        Ok(s) => {
+            let (synced, summed, set) = futures::join!(
+                client.fsync(fh, false),
+                client.checksum(&part, 0, u64::MAX),
+                client.setattr(&part, Some(fh), set)
+            );
+            synced.and(set).and(summed).map(|sum| (s, sum)).map_err(CopyError::from)
+        }
+        Err(e) => Err(e),
+    };
+    let verified = finished.and_then(|((hasher, total), (hash, covered, _, _))| {
+        if total != id.size {
+            Err(CopyError::SourceChanged)
+        } else if covered != total || hasher.finalize().as_bytes() != &hash {
+            Err(CopyError::Verify)
+        } else {
+            Ok(total)
+        }
+    });
+    let total = match verified {
+        Ok(total) => total,
+        Err(e) => {
+            let _ = client.close(fh).await;
+            return Err(e);
+        }
+    };
+    let (closed, renamed) = futures::join!(client.close(fh), client.rename(&part, remote, RenameFlags::default()));
+    renamed?;
+    closed?;
     Ok(Outcome {
         bytes: total,
         resumed_at: (start > 0).then_some(start),
@@ -219,12 +253,14 @@ async fn remove_stale_remote(client: &Client, parent: &WirePath, name: &[u8], id
 }
 
 /// Reads the local file from `start` on a blocking thread (hashing it there) and writes it with up
-/// to [`IN_FLIGHT`] requests at once. Returns the hasher and the file's length as read.
+/// to [`IN_FLIGHT`] requests at once (`expected`: the length it had, for sizing buffers). Returns
+/// the hasher and the file's length as read.
 async fn stream_up(
     client: &Client,
     fh: homefs_shared::Fh,
     local: &Path,
     start: u64,
+    expected: u64,
     mut hasher: blake3::Hasher,
     bar: &FileProgress,
 ) -> Result<(blake3::Hasher, u64), CopyError> {
@@ -235,7 +271,10 @@ async fn stream_up(
         file.seek(SeekFrom::Start(start))?;
         let mut total = start;
         loop {
-            let mut buf = BytesMut::zeroed(CHUNK_BYTES as usize);
+            // As large as what should be left (a small file does not take a whole chunk), but
+            // not tiny: a file that grew is read on (it then fails as changed).
+            let left = expected.saturating_sub(total).clamp(64 << 10, u64::from(CHUNK_BYTES));
+            let mut buf = BytesMut::zeroed(usize::try_from(left).unwrap_or(CHUNK_BYTES as usize));
             let mut filled = 0;
             while filled < buf.len() {
                 match file.read(&mut buf[filled..]) {
@@ -405,9 +444,66 @@ async fn get_open(
     });
 
     let size = attr.size;
+    // A file of more than one chunk: the server hashes it while it is being sent (its checksum
+    // runs beside the reads), and its size and mtime afterwards show whether it changed meanwhile. A change
+    // before the server read it shows as a hash that does not match what arrived. For one chunk
+    // the checksum goes after the read: the same round trips, without the second look.
+    let early = size.saturating_sub(start) > u64::from(CHUNK_BYTES);
+    let (fetched, summed) = futures::join!(fetch(client, fh, start, size, tx, bar), async {
+        if early {
+            Some(client.checksum(remote, 0, u64::MAX).await)
+        } else {
+            None
+        }
+    });
+    let written = writer.await.map_err(join_error)?;
+    fetched?;
+    let (hasher, file) = written?;
+
+    let (hash, covered, now_size, now_mtime) = match summed {
+        Some(summed) => {
+            // An empty range: only the size and mtime now, of the file the first one hashed.
+            let (_, _, now_size, now_mtime) = client.checksum(remote, 0, 0).await?;
+            if now_size != size || now_mtime != attr.mtime {
+                return Err(CopyError::SourceChanged);
+            }
+            summed?
+        }
+        None => client.checksum(remote, 0, u64::MAX).await?,
+    };
+    if now_size != size || now_mtime != attr.mtime {
+        return Err(CopyError::SourceChanged);
+    }
+    if covered != size || hasher.finalize().as_bytes() != &hash {
+        return Err(CopyError::Verify);
+    }
+    if opts.preserve {
+        file.set_permissions(std::fs::Permissions::from_mode(attr.perm & 0o7777))?;
+        file.set_modified(system_time(attr.mtime))?;
+    }
+    drop(file);
+    std::fs::rename(&part, local)?;
+    Ok(Outcome {
+        bytes: size,
+        resumed_at: (start > 0).then_some(start),
+        sent: size - start,
+        elapsed: started.elapsed(),
+    })
+}
+
+/// Reads `[start, size)` of the remote file with up to [`IN_FLIGHT`] requests at once and passes
+/// the chunks, in order, to the local writer.
+async fn fetch(
+    client: &Client,
+    fh: homefs_shared::Fh,
+    start: u64,
+    size: u64,
+    tx: mpsc::Sender<Bytes>,
+    bar: &FileProgress,
+) -> Result<(), CopyError> {
     let mut in_flight = FuturesOrdered::new();
     let mut next = start;
-    let fetched: Result<(), CopyError> = loop {
+    loop {
         while next < size && in_flight.len() < IN_FLIGHT {
             let len = u32::try_from((size - next).min(u64::from(CHUNK_BYTES))).unwrap_or(CHUNK_BYTES);
             let c = client.clone();
@@ -429,31 +525,7 @@ async fn get_open(
             Some(Err(e)) => break Err(e.into()),
             None => break Ok(()),
         }
-    };
-    drop(tx);
-    let written = writer.await.map_err(join_error)?;
-    fetched?;
-    let (hasher, file) = written?;
-
-    let (hash, covered, now_size, now_mtime) = client.checksum(remote, 0, u64::MAX).await?;
-    if now_size != size || now_mtime != attr.mtime {
-        return Err(CopyError::SourceChanged);
     }
-    if covered != size || hasher.finalize().as_bytes() != &hash {
-        return Err(CopyError::Verify);
-    }
-    if opts.preserve {
-        file.set_permissions(std::fs::Permissions::from_mode(attr.perm & 0o7777))?;
-        file.set_modified(system_time(attr.mtime))?;
-    }
-    drop(file);
-    std::fs::rename(&part, local)?;
-    Ok(Outcome {
-        bytes: size,
-        resumed_at: (start > 0).then_some(start),
-        sent: size - start,
-        elapsed: started.elapsed(),
-    })
 }
 
 /// Removes local partial files of `name` from another version of the source (best effort).

@@ -5,16 +5,17 @@
 use bytes::Bytes;
 use fuser::{
     BsdFileFlags, CopyFileRangeFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation,
-    INodeNo, InitFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData,
-    ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyLock, ReplyOpen, ReplyStatfs, ReplyWrite, Request,
-    TimeOrNow, WriteFlags,
+    INodeNo, InitFlags, IoctlFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData,
+    ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyIoctl, ReplyLock, ReplyOpen, ReplyStatfs,
+    ReplyWrite, Request, TimeOrNow, WriteFlags,
 };
 use homefs_shared::SetAttr;
+use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::future::Future;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 use tokio::runtime::Handle;
 
@@ -31,11 +32,24 @@ pub const MAX_BACKGROUND: u16 = 64;
 pub struct HomeFs {
     remote: Arc<Remote>,
     rt: Handle,
+    /// FUSE requests by kind, for the profile logged at unmount.
+    ops: Mutex<HashMap<&'static str, u64>>,
 }
 
 impl HomeFs {
     pub fn new(remote: Arc<Remote>, rt: Handle) -> HomeFs {
-        HomeFs { remote, rt }
+        HomeFs { remote, rt, ops: Mutex::new(HashMap::new()) }
+    }
+
+    fn count(&self, op: &'static str) {
+        *self.ops.lock().unwrap_or_else(|p| p.into_inner()).entry(op).or_default() += 1;
+    }
+
+    /// The FUSE requests served so far, by kind, most frequent first.
+    pub fn op_counts(&self) -> Vec<(&'static str, u64)> {
+        let mut v: Vec<_> = self.ops.lock().unwrap_or_else(|p| p.into_inner()).iter().map(|(k, n)| (*k, *n)).collect();
+        v.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(b.0)));
+        v
     }
 
     fn ttl(&self) -> Duration {
@@ -49,7 +63,18 @@ impl HomeFs {
         Fut: Future<Output = ()> + Send + 'static,
     {
         tracing::debug!(op, "request");
+        self.count(op);
         self.rt.spawn(f(self.remote.clone()));
+    }
+}
+
+impl Drop for HomeFs {
+    /// At unmount: the profile of the mount's life, FUSE requests and the round trips they cost.
+    fn drop(&mut self) {
+        let show = |v: Vec<(&str, u64)>| v.iter().map(|(k, n)| format!("{k}={n}")).collect::<Vec<_>>().join(" ");
+        tracing::info!(ops = %show(self.op_counts()), "FUSE requests served");
+        tracing::info!(hits = %self.remote.hits.show(), "answered from the cache");
+        tracing::info!(requests = %show(self.remote.client.request_counts()), "requests sent to the server");
     }
 }
 
@@ -134,12 +159,14 @@ impl Filesystem for HomeFs {
     }
 
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
+        self.count("forget");
         self.remote.inodes.forget(ino.0, nlookup);
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
         let ttl = self.ttl();
         self.spawn("getattr", move |r| async move {
+            r.writes.settle(ino.0).await;
             match r.getattr(ino.0).await {
                 Ok(attr) => reply.attr(&ttl, &attr),
                 Err(e) => reply.error(e),
@@ -169,6 +196,7 @@ impl Filesystem for HomeFs {
             SetAttr { mode: mode.map(|m| m & 0o7777), size, atime: atime.map(set_time), mtime: mtime.map(set_time) };
         let ttl = self.ttl();
         self.spawn("setattr", move |r| async move {
+            r.writes.settle(ino.0).await;
             match r.setattr(ino.0, set, fh.map(|f| f.0), uid, gid).await {
                 Ok(attr) => reply.attr(&ttl, &attr),
                 Err(e) => reply.error(e),
@@ -245,6 +273,7 @@ impl Filesystem for HomeFs {
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         self.spawn("open", move |r| async move {
+            r.writes.settle(ino.0).await;
             match r.open(ino.0, flags.0).await {
                 Ok((fh, open_flags)) => reply.opened(FileHandle(fh), open_flags),
                 Err(e) => reply.error(e),
@@ -255,7 +284,7 @@ impl Filesystem for HomeFs {
     fn read(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         offset: u64,
         size: u32,
@@ -264,6 +293,7 @@ impl Filesystem for HomeFs {
         reply: ReplyData,
     ) {
         self.spawn("read", move |r| async move {
+            r.writes.settle(ino.0).await;
             match r.read(fh.0, offset, size).await {
                 Ok(data) => reply.data(&data),
                 Err(e) => reply.error(e),
@@ -279,28 +309,43 @@ impl Filesystem for HomeFs {
         offset: u64,
         data: &[u8],
         _write_flags: WriteFlags,
-        _flags: OpenFlags,
+        flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
         // The one copy on the way out: the kernel's buffer is borrowed for this call only.
         let data = Bytes::copy_from_slice(data);
+        // Appends (the server picks the offset: order matters) and O_SYNC/O_DSYNC writes (the
+        // caller wants them done on return) go through at once, after any queued ones.
+        let in_order = flags.0 & (libc::O_APPEND | libc::O_SYNC | libc::O_DSYNC) != 0;
         self.spawn("write", move |r| async move {
-            match r.write(ino.0, fh.0, offset, data).await {
+            match r.write_behind(ino.0, fh.0, offset, data, in_order).await {
                 Ok(n) => reply.written(n),
                 Err(e) => reply.error(e),
             }
         });
     }
 
-    fn flush(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, lock_owner: LockOwner, reply: ReplyEmpty) {
-        self.spawn("flush", move |r| async move { reply_empty(reply, r.flush(fh.0, lock_owner.0).await) });
+    fn flush(&self, _req: &Request, ino: INodeNo, fh: FileHandle, lock_owner: LockOwner, reply: ReplyEmpty) {
+        let writes = self.remote.writes.pending(ino.0) || self.remote.writes.has_error(fh.0);
+        let unlock = self.remote.flush_needs_unlock(fh.0, lock_owner.0);
+        if !writes && !unlock {
+            self.count("flush (no round trip)");
+            return reply.ok();
+        }
+        // Queued writes are answered first: their error is close's to report.
+        self.spawn("flush", move |r| async move {
+            r.writes.settle(ino.0).await;
+            let written = r.write_error(fh.0);
+            let unlocked = if unlock { r.flush_unlock(fh.0, lock_owner.0).await } else { Ok(()) };
+            reply_empty(reply, written.and(unlocked));
+        });
     }
 
     fn release(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         _flags: OpenFlags,
         lock_owner: Option<LockOwner>,
@@ -310,11 +355,30 @@ impl Filesystem for HomeFs {
         // A flock owner (`FUSE_RELEASE_FLOCK_UNLOCK`) is among the owners recorded for the
         // handle, so `release` unlocks it with the rest.
         let _ = lock_owner;
-        self.spawn("release", move |r| async move { reply_empty(reply, r.release(fh.0).await) });
+        let owners = self.remote.release_owners(fh.0);
+        if owners.is_empty() {
+            reply.ok();
+            self.spawn("release (background)", move |r| async move {
+                r.writes.settle(ino.0).await;
+                if let Err(e) = r.write_error(fh.0) {
+                    tracing::warn!(fh = fh.0, error = ?e, "a write failed after the file's last flush");
+                }
+                r.close_quietly(fh.0).await
+            });
+            return;
+        }
+        self.spawn("release", move |r| async move {
+            r.writes.settle(ino.0).await;
+            reply_empty(reply, r.release(fh.0, owners).await)
+        });
     }
 
-    fn fsync(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, datasync: bool, reply: ReplyEmpty) {
-        self.spawn("fsync", move |r| async move { reply_empty(reply, r.fsync(fh.0, datasync).await) });
+    fn fsync(&self, _req: &Request, ino: INodeNo, fh: FileHandle, datasync: bool, reply: ReplyEmpty) {
+        self.spawn("fsync", move |r| async move {
+            r.writes.settle(ino.0).await;
+            let written = r.write_error(fh.0);
+            reply_empty(reply, written.and(r.fsync(fh.0, datasync).await))
+        });
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
@@ -328,6 +392,7 @@ impl Filesystem for HomeFs {
 
     fn readdir(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
         // Served from the snapshot taken at opendir: no network, so answered on this thread.
+        self.count("readdir");
         let Some(dir) = self.remote.handles.dir(fh.0) else { return reply.error(Errno::EBADF) };
         let dots = [(dir.ino, FileType::Directory, &b"."[..]), (dir.parent_ino, FileType::Directory, &b".."[..])];
         let all = dots.into_iter().chain(
@@ -343,6 +408,7 @@ impl Filesystem for HomeFs {
 
     fn readdirplus(&self, _req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectoryPlus) {
         // From the snapshot: every entry carries its attributes, so `ls -l` needs no lookups.
+        self.count("readdirplus");
         let Some(dir) = self.remote.handles.dir(fh.0) else { return reply.error(Errno::EBADF) };
         let Some(dir_path) = self.remote.inodes.path(ino.0) else { return reply.error(Errno::ESTALE) };
         let (ttl, owner) = (self.ttl(), self.remote.owner);
@@ -374,8 +440,26 @@ impl Filesystem for HomeFs {
     }
 
     fn releasedir(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _flags: OpenFlags, reply: ReplyEmpty) {
+        self.count("releasedir");
         self.remote.handles.close_dir(fh.0);
         reply.ok();
+    }
+
+    fn ioctl(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _flags: IoctlFlags,
+        _cmd: u32,
+        _in_data: &[u8],
+        _out_size: u32,
+        reply: ReplyIoctl,
+    ) {
+        // No ioctl applies to a remote file. `open()` in Python, `isatty` and friends ask
+        // `TCGETS` of every file they open: answered here, at once and without a log line.
+        self.count("ioctl");
+        reply.error(Errno::ENOTTY);
     }
 
     fn fsyncdir(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
@@ -424,7 +508,7 @@ impl Filesystem for HomeFs {
     fn getlk(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         lock_owner: LockOwner,
         start: u64,
@@ -438,6 +522,7 @@ impl Filesystem for HomeFs {
             Err(e) => return reply.error(e),
         };
         self.spawn("getlk", move |r| async move {
+            r.writes.settle(ino.0).await;
             match r.getlk(fh.0, spec).await {
                 Ok((start, end, typ, pid)) => reply.locked(start, end, typ, pid),
                 Err(e) => reply.error(e),
@@ -462,13 +547,17 @@ impl Filesystem for HomeFs {
             Ok(s) => s,
             Err(e) => return reply.error(e),
         };
-        self.spawn("setlk", move |r| async move { reply_empty(reply, r.setlk(ino.0, fh.0, spec, sleep).await) });
+        self.spawn("setlk", move |r| async move {
+            // Another mount that takes the lock next must find these writes applied.
+            r.writes.settle(ino.0).await;
+            reply_empty(reply, r.setlk(ino.0, fh.0, spec, sleep).await)
+        });
     }
 
     fn copy_file_range(
         &self,
         _req: &Request,
-        _ino_in: INodeNo,
+        ino_in: INodeNo,
         fh_in: FileHandle,
         offset_in: u64,
         ino_out: INodeNo,
@@ -479,6 +568,8 @@ impl Filesystem for HomeFs {
         reply: ReplyWrite,
     ) {
         self.spawn("copy_file_range", move |r| async move {
+            r.writes.settle(ino_in.0).await;
+            r.writes.settle(ino_out.0).await;
             match r.copy_range(fh_in.0, offset_in, ino_out.0, fh_out.0, offset_out, len).await {
                 Ok(n) => reply.written(n),
                 Err(e) => reply.error(e),

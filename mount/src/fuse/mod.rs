@@ -5,6 +5,7 @@
 //! - [`inodes`], [`cache`], [`handles`]: the state the adapters keep.  - [`attr`]: conversions.
 //! - [`session`]: building the state, mounting, running until unmounted.
 //! - [`daemon`]: going to the background once the mount is ready.
+//! - [`writes`]: write-behind, and the order and errors it must keep.
 
 pub mod attr;
 pub mod cache;
@@ -16,3 +17,4 @@ pub mod mountpoint;
 pub mod ops;
 pub mod options;
 pub mod session;
+pub mod writes;

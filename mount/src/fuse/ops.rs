@@ -8,15 +8,18 @@
 use bytes::Bytes;
 use fuser::{Errno, FileAttr, FopenFlags, INodeNo, Notifier};
 use homefs_shared::{
-    Attr, ErrorCode, Fh, LockKind, LockSpec, OpenFlags, RenameFlags, SetAttr, StatFs, WireError, WirePath,
+    Attr, ErrorCode, Fh, LockKind, LockSpec, OpenFlags, RenameFlags, SetAttr, StatFs, Timestamp, WireError, WirePath,
+    MAX_DATA_BYTES,
 };
-use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use super::attr::Owner;
 use super::cache::{AttrCache, Cached};
 use super::handles::{DirSnapshot, Handles};
 use super::inodes::{InodeTable, ROOT_INO};
+use super::writes::WriteBehind;
 use crate::client::Client;
 
 /// The kernel's "to the end of the file" for a lock range (`OFFSET_MAX`).
@@ -55,6 +58,35 @@ pub struct Remote {
     /// Set once the session exists; used to drop the kernel's cached attributes of a file that
     /// changed elsewhere (close-to-open).
     pub notifier: OnceLock<Notifier>,
+    /// Requests answered from the cache, by kind (the profile logged at unmount).
+    pub hits: Hits,
+    /// Writes answered and still on their way (write-behind).
+    pub writes: WriteBehind,
+}
+
+/// Counts of requests answered without a round trip.
+#[derive(Debug, Default)]
+pub struct Hits {
+    pub lookup: AtomicU64,
+    pub lookup_absent: AtomicU64,
+    pub getattr: AtomicU64,
+}
+
+impl Hits {
+    fn add(n: &AtomicU64) {
+        n.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// `name=count` of each kind.
+    pub fn show(&self) -> String {
+        let get = |n: &AtomicU64| n.load(Ordering::Relaxed);
+        format!(
+            "lookup={} lookup_absent={} getattr={}",
+            get(&self.lookup),
+            get(&self.lookup_absent),
+            get(&self.getattr)
+        )
+    }
 }
 
 impl Remote {
@@ -82,8 +114,22 @@ impl Remote {
     /// A directory's entries changed through us: its own mtime, ctime and size did too.
     fn dir_changed(&self, dir: u64) {
         if let Some(p) = self.inodes.path(dir) {
-            self.cache.invalidate(&p);
+            self.cache.invalidate_attr(&p);
         }
+    }
+
+    /// A file was added to or removed from `dir` through us (see [`AttrCache::touch_dir`]).
+    fn dir_touched(&self, dir: u64) {
+        if let Some(p) = self.inodes.path(dir) {
+            let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+            self.cache.touch_dir(&p, Timestamp { secs: now.as_secs() as i64, nanos: now.subsec_nanos() });
+        }
+    }
+
+    /// A request that adds `path` failed: whatever the cache believed of it may be wrong.
+    fn add_failed<T>(&self, path: &WirePath, e: &WireError) -> R<T> {
+        self.cache.invalidate(path);
+        Err(errno(e))
     }
 
     fn writable(&self) -> R<()> {
@@ -104,15 +150,31 @@ impl Remote {
     /// `lookup`: `None` is a negative entry (the kernel caches the absence for one TTL).
     pub async fn lookup(&self, parent: u64, name: &[u8]) -> R<Option<Entry>> {
         let path = self.child(parent, name)?;
-        match self.cache.get(&path) {
-            Some(Cached::Present(a)) => return Ok(Some(self.entry(&path, &a))),
-            Some(Cached::Absent) => return Ok(None),
+        let mut attr = self.lookup_attr(&path).await?;
+        // Writes still queued on the file would make its size look older than it is.
+        if let Some(ino) = attr.map(|a| self.inodes.fuse_ino(a.ino)).filter(|i| self.writes.pending(*i)) {
+            self.writes.settle(ino).await;
+            attr = self.lookup_attr(&path).await?;
+        }
+        Ok(attr.map(|a| self.entry(&path, &a)))
+    }
+
+    async fn lookup_attr(&self, path: &WirePath) -> R<Option<Attr>> {
+        match self.cache.get(path) {
+            Some(Cached::Present(a)) => {
+                Hits::add(&self.hits.lookup);
+                return Ok(Some(a));
+            }
+            Some(Cached::Absent) => {
+                Hits::add(&self.hits.lookup_absent);
+                return Ok(None);
+            }
             None => {}
         }
-        match self.client.stat(&path).await {
-            Ok(a) => Ok(Some(self.entry(&path, &a))),
+        match self.client.stat(path).await {
+            Ok(a) => Ok(Some(a)),
             Err(e) if e.code == ErrorCode::NotFound => {
-                self.cache.put_absent(&path);
+                self.cache.put_absent(path);
                 Ok(None)
             }
             Err(e) => Err(errno(&e)),
@@ -123,6 +185,7 @@ impl Remote {
     pub async fn getattr(&self, ino: u64) -> R<FileAttr> {
         let path = self.path(ino)?;
         if let Some(Cached::Present(a)) = self.cache.get(&path) {
+            Hits::add(&self.hits.getattr);
             return Ok(self.owner.file_attr(ino, &a));
         }
         match self.client.stat(&path).await {
@@ -175,8 +238,15 @@ impl Remote {
         let path = self.child(parent, name)?;
         let result = self.client.mkdir(&path, mode & 0o7777).await;
         self.dir_changed(parent);
-        let a = result.map_err(|e| errno(&e))?;
-        Ok(self.entry(&path, &a))
+        let a = match result {
+            Ok(a) => a,
+            Err(e) => return self.add_failed(&path, &e),
+        };
+        let entry = self.entry(&path, &a);
+        // Empty, and everything added to it through us is recorded: lookups of new names in it
+        // (each create's) need no round trip for one TTL.
+        self.cache.put_complete_dir(&path);
+        Ok(entry)
     }
 
     /// `mknod`: regular files only (what `mkfifo` and device nodes would need, a home has no use for).
@@ -188,8 +258,11 @@ impl Remote {
         let path = self.child(parent, name)?;
         let flags = OpenFlags { write: true, create: true, exclusive: true, ..OpenFlags::default() };
         let result = self.client.open(&path, flags, mode & 0o7777).await;
-        self.dir_changed(parent);
-        let (fh, a) = result.map_err(|e| errno(&e))?;
+        self.dir_touched(parent);
+        let (fh, a) = match result {
+            Ok(opened) => opened,
+            Err(e) => return self.add_failed(&path, &e),
+        };
         self.client.close(fh).await.map_err(|e| errno(&e))?;
         Ok(self.entry(&path, &a))
     }
@@ -197,9 +270,12 @@ impl Remote {
     pub async fn unlink(&self, parent: u64, name: &[u8]) -> R<()> {
         let path = self.child(parent, name)?;
         let result = self.client.unlink(&path).await;
-        self.cache.invalidate(&path);
-        self.dir_changed(parent);
-        result.map_err(|e| errno(&e))?;
+        self.dir_touched(parent);
+        if let Err(e) = result {
+            self.cache.invalidate(&path);
+            return Err(errno(&e));
+        }
+        self.cache.put_absent(&path);
         self.inodes.unlinked(&path);
         Ok(())
     }
@@ -242,8 +318,11 @@ impl Remote {
         self.writable()?;
         let path = self.child(parent, name)?;
         let result = self.client.symlink(target, &path).await;
-        self.dir_changed(parent);
-        let a = result.map_err(|e| errno(&e))?;
+        self.dir_touched(parent);
+        let a = match result {
+            Ok(a) => a,
+            Err(e) => return self.add_failed(&path, &e),
+        };
         Ok(self.entry(&path, &a))
     }
 
@@ -252,10 +331,13 @@ impl Remote {
         let from = self.path(ino)?;
         let to = self.child(new_parent, new_name)?;
         let result = self.client.link(&from, &to).await;
-        self.dir_changed(new_parent);
-        let a = result.map_err(|e| errno(&e))?;
+        self.dir_touched(new_parent);
+        let a = match result {
+            Ok(a) => a,
+            Err(e) => return self.add_failed(&to, &e),
+        };
         // The link count changed for every name of the file.
-        self.cache.invalidate(&from);
+        self.cache.invalidate_attr(&from);
         Ok(self.entry(&to, &a))
     }
 
@@ -298,9 +380,48 @@ impl Remote {
         let mut open_flags = open_flags(flags);
         open_flags.create = true;
         let result = self.client.open(&path, open_flags, mode & 0o7777).await;
-        self.dir_changed(parent);
-        let (fh, a) = result.map_err(|e| errno(&e))?;
+        self.dir_touched(parent);
+        let (fh, a) = match result {
+            Ok(opened) => opened,
+            Err(e) => return self.add_failed(&path, &e),
+        };
         Ok((self.entry(&path, &a), fh.0))
+    }
+
+    /// `write`, answered once queued (see `writes.rs`): the error of an earlier queued write on
+    /// this handle comes first. `in_order` writes (appends, O_SYNC) and writes over
+    /// [`MAX_DATA_BYTES`] are not queued: they wait for the queued ones, then go through.
+    pub async fn write_behind(self: Arc<Self>, ino: u64, fh: u64, offset: u64, data: Bytes, in_order: bool) -> R<u32> {
+        self.writable()?;
+        if let Some(e) = self.writes.take_error(fh) {
+            return Err(e);
+        }
+        if in_order || data.len() > MAX_DATA_BYTES as usize {
+            self.writes.settle(ino).await;
+            return self.write(ino, fh, offset, data).await;
+        }
+        let len = data.len() as u32;
+        let ticket = self.writes.enqueue(ino, offset, offset.saturating_add(data.len() as u64)).await;
+        let me = self.clone();
+        tokio::spawn(async move {
+            let result = me.client.write_attr(Fh(fh), offset, data).await;
+            // The cache is brought up to date before the ticket goes, so whoever settles sees it.
+            match (&result, me.inodes.path(ino)) {
+                (Ok(a), Some(p)) if me.inodes.fuse_ino(a.ino) == ino => me.cache.put(&p, &ticket.merge(a)),
+                (_, Some(p)) => me.cache.invalidate_attr(&p),
+                (_, None) => {}
+            }
+            if let Err(e) = &result {
+                me.writes.failed(fh, errno(e));
+            }
+            drop(ticket);
+        });
+        Ok(len)
+    }
+
+    /// The rest of a `flush` or `fsync` after [`WriteBehind::settle`]: the handle's write error.
+    pub fn write_error(&self, fh: u64) -> R<()> {
+        self.writes.take_error(fh).map_or(Ok(()), Err)
     }
 
     pub async fn read(&self, fh: u64, offset: u64, size: u32) -> R<Bytes> {
@@ -311,31 +432,60 @@ impl Remote {
     pub async fn write(&self, ino: u64, fh: u64, offset: u64, data: Bytes) -> R<u32> {
         self.writable()?;
         let len = data.len() as u32;
-        let result = self.client.write(Fh(fh), offset, data).await;
-        if let Some(path) = self.inodes.path(ino) {
-            self.cache.invalidate(&path);
+        // The kernel asks for the attributes after each write: the answer carries them.
+        let result = if data.len() <= MAX_DATA_BYTES as usize {
+            self.client.write_attr(Fh(fh), offset, data).await.map(Some)
+        } else {
+            self.client.write(Fh(fh), offset, data).await.map(|_| None)
+        };
+        let path = self.inodes.path(ino);
+        match (&result, &path) {
+            // Only the cache: the inode keeps the attributes seen at open, so the next open
+            // still compares against those (close-to-open, as before).
+            (Ok(Some(a)), Some(p)) if self.inodes.fuse_ino(a.ino) == ino => self.cache.put(p, a),
+            (_, Some(p)) => self.cache.invalidate_attr(p),
+            (_, None) => {}
         }
         result.map_err(|e| errno(&e))?;
         Ok(len)
     }
 
     /// `flush` (each `close`): writes are not buffered here, so what remains is releasing the
-    /// POSIX locks of the closing owner, if it took any through this handle.
-    pub async fn flush(&self, fh: u64, lock_owner: u64) -> R<()> {
-        if self.handles.take_lock_owner(fh, lock_owner) {
-            self.unlock_all(fh, lock_owner).await?;
-        }
-        Ok(())
+    /// POSIX locks of the closing owner, if it took any through this handle. `false`: nothing
+    /// to do, and the kernel is answered without a round trip (the common case).
+    pub fn flush_needs_unlock(&self, fh: u64, lock_owner: u64) -> bool {
+        self.handles.take_lock_owner(fh, lock_owner)
     }
 
-    /// `release` (the last close): locks still held through the handle go, then the handle.
-    pub async fn release(&self, fh: u64) -> R<()> {
-        for owner in self.handles.take_all_lock_owners(fh) {
+    /// The rest of a `flush` that [`Remote::flush_needs_unlock`]: the owner's locks go.
+    pub async fn flush_unlock(&self, fh: u64, lock_owner: u64) -> R<()> {
+        self.unlock_all(fh, lock_owner).await
+    }
+
+    /// The lock owners of a handle being released, forgotten. None (the common case): the
+    /// kernel is answered at once and [`Remote::close_quietly`] runs in the background, since
+    /// every write was answered already, a failed close has nothing to report, and no later
+    /// request uses the handle. Some: [`Remote::release`] unlocks them first, before the
+    /// kernel is answered (another process may be about to take those locks).
+    pub fn release_owners(&self, fh: u64) -> Vec<u64> {
+        self.handles.take_all_lock_owners(fh)
+    }
+
+    /// `release` (the last close) of a handle with locks: the locks go, then the handle.
+    pub async fn release(&self, fh: u64, owners: Vec<u64>) -> R<()> {
+        for owner in owners {
             if let Err(e) = self.unlock_all(fh, owner).await {
                 tracing::debug!(fh, owner, error = ?e, "unlock at release failed");
             }
         }
         self.client.close(Fh(fh)).await.map_err(|e| errno(&e))
+    }
+
+    /// `release` of a handle without locks, after the kernel was answered.
+    pub async fn close_quietly(&self, fh: u64) {
+        if let Err(e) = self.client.close(Fh(fh)).await {
+            tracing::debug!(fh, error = %e, "close after release failed");
+        }
     }
 
     async fn unlock_all(&self, fh: u64, owner: u64) -> R<()> {
@@ -378,7 +528,7 @@ impl Remote {
         let len = len.min(MAX_COPY_BYTES);
         let result = self.client.copy_range(Fh(fh_in), offset_in, Fh(fh_out), offset_out, len).await;
         if let Some(path) = self.inodes.path(ino_out) {
-            self.cache.invalidate(&path);
+            self.cache.invalidate_attr(&path);
         }
         let copied = result.map_err(|e| errno(&e))?;
         Ok(copied.min(MAX_COPY_BYTES) as u32)

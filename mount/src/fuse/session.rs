@@ -54,6 +54,8 @@ pub async fn prepare(client: Client, options: &MountOptions) -> Result<Arc<Remot
         owner: Owner::current(),
         read_only: options.read_only,
         notifier: OnceLock::new(),
+        hits: Default::default(),
+        writes: Default::default(),
     }))
 }
 
