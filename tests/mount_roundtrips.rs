@@ -46,7 +46,12 @@ fn mount_fresh_directory_names_and_times_stay_right() {
     assert_eq!(out, "b e s one\n4\n");
     // A create moves the directory's mtime (kept locally until the TTL, never backwards).
     let before = fs::metadata(m.join("d")).expect("stat d").modified().expect("mtime");
-    std::thread::sleep(Duration::from_millis(20)); // let the clock move; not a synchronisation
+    // The create below must happen at a later clock tick than `before`: wait (bounded) for one.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while std::time::SystemTime::now() <= before {
+        assert!(std::time::Instant::now() < deadline, "the clock did not move past {before:?}");
+        std::hint::spin_loop();
+    }
     fs::write(m.join("d/new"), b"x").expect("create d/new");
     let after = fs::metadata(m.join("d")).expect("stat d").modified().expect("mtime");
     assert!(after > before, "directory mtime moved on create: {before:?} -> {after:?}");
