@@ -104,16 +104,33 @@ pub async fn put(
     opts: TransferOptions,
     bar: &FileProgress,
 ) -> Result<Outcome, CopyError> {
-    let mut result = put_once(client, local, remote, opts, bar).await;
+    with_retries("put", remote, opts, bar, |o| put_once(client, local, remote, o, bar)).await
+}
+
+/// The retry policy of one file, the same both ways: a lost connection continues once after the
+/// reconnect (resuming what arrived); a file that did not verify, or whose source changed, is
+/// copied once more from scratch.
+async fn with_retries<F, Fut>(
+    op: &str,
+    remote: &WirePath,
+    opts: TransferOptions,
+    bar: &FileProgress,
+    once: F,
+) -> Result<Outcome, CopyError>
+where
+    F: Fn(TransferOptions) -> Fut,
+    Fut: std::future::Future<Output = Result<Outcome, CopyError>>,
+{
+    let mut result = once(opts).await;
     if opts.resume && result.as_ref().is_err_and(is_connection_loss) {
-        tracing::warn!(path = %remote, "connection lost during put; continuing after the reconnect");
-        result = put_once(client, local, remote, opts, bar).await;
+        tracing::warn!(path = %remote, op, "connection lost; continuing after the reconnect");
+        result = once(opts).await;
     }
     match result {
         Err(CopyError::Verify | CopyError::SourceChanged) => {
-            tracing::warn!(path = %remote, "put did not verify; retrying from scratch");
+            tracing::warn!(path = %remote, op, "did not verify; retrying from scratch");
             bar.set_position(0);
-            put_once(client, local, remote, TransferOptions { resume: false, ..opts }, bar).await
+            once(TransferOptions { resume: false, ..opts }).await
         }
         other => other,
     }
@@ -337,19 +354,7 @@ pub async fn get(
     opts: TransferOptions,
     bar: &FileProgress,
 ) -> Result<Outcome, CopyError> {
-    let mut result = get_once(client, remote, local, opts, bar).await;
-    if opts.resume && result.as_ref().is_err_and(is_connection_loss) {
-        tracing::warn!(path = %remote, "connection lost during get; continuing after the reconnect");
-        result = get_once(client, remote, local, opts, bar).await;
-    }
-    match result {
-        Err(CopyError::Verify | CopyError::SourceChanged) => {
-            tracing::warn!(path = %remote, "get did not verify; retrying from scratch");
-            bar.set_position(0);
-            get_once(client, remote, local, TransferOptions { resume: false, ..opts }, bar).await
-        }
-        other => other,
-    }
+    with_retries("get", remote, opts, bar, |o| get_once(client, remote, local, o, bar)).await
 }
 
 /// The local partial file for `local` and the source version `id`.

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use futures::stream::{self, StreamExt};
 use homefs_shared::{Attr, ErrorCode, FileKind, SetAttr, SetTime, Timestamp, WirePath};
 
-use super::progress::Progress;
+use super::progress::{FileProgress, Outcome, Progress};
 use super::remote::{last_name, local_name};
 use super::resume::{self, SourceId};
 use super::transfer::{self, timestamp, TransferOptions};
@@ -203,6 +203,35 @@ fn set_total<L, R>(plan: &[Step<L, R>], progress: &mut Progress) {
     }
 }
 
+/// Copies `files` with `copy`, `jobs` at a time, each with its own bar; returns each file's label
+/// and outcome (in completion order). Both directions of a tree copy share it.
+async fn copy_files<S, D, Fut>(
+    files: Vec<(S, D, SourceId)>,
+    jobs: usize,
+    progress: &Progress,
+    label: impl Fn(&S) -> String,
+    copy: impl Fn(S, D, FileProgress) -> Fut,
+) -> Vec<(String, Result<(), CopyError>)>
+where
+    Fut: std::future::Future<Output = (Result<Outcome, CopyError>, FileProgress)>,
+{
+    let (label, copy) = (&label, &copy);
+    stream::iter(files)
+        .map(|(from, to, id)| async move {
+            let name = label(&from);
+            let bar = progress.start(&name, id.size);
+            let (r, bar) = copy(from, to, bar).await;
+            match &r {
+                Ok(outcome) => bar.finish(outcome),
+                Err(_) => bar.fail(),
+            }
+            (name, r.map(|_| ()))
+        })
+        .buffer_unordered(jobs.max(1))
+        .collect()
+        .await
+}
+
 async fn execute_put(
     client: &Client,
     plan: Vec<PutStep>,
@@ -232,21 +261,14 @@ async fn execute_put(
         sweep_remote(client, files.iter().map(|(_, to, id)| (to, id))).await;
     }
     let topts = TransferOptions { preserve: opts.preserve, resume: opts.resume, swept };
-    let shown = &*progress;
-    let results: Vec<(String, Result<(), CopyError>)> = stream::iter(files)
-        .map(|(from, to, id)| async move {
-            let label = show(&from);
-            let bar = shown.start(&label, id.size);
-            let r = transfer::put(client, &from, &to, topts, &bar).await;
-            match &r {
-                Ok(outcome) => bar.finish(outcome),
-                Err(_) => bar.fail(),
-            }
-            (label, r.map(|_| ()))
-        })
-        .buffer_unordered(opts.jobs.max(1))
-        .collect()
-        .await;
+    let results = copy_files(
+        files,
+        opts.jobs,
+        progress,
+        |from| show(from),
+        |from: PathBuf, to: WirePath, bar| async move { (transfer::put(client, &from, &to, topts, &bar).await, bar) },
+    )
+    .await;
     for (label, r) in results {
         report.record(progress, "put", &label, r);
     }
@@ -434,21 +456,14 @@ async fn execute_get(
         sweep_local(files.iter().map(|(_, to, id)| (to.as_path(), id)));
     }
     let topts = TransferOptions { preserve: opts.preserve, resume: opts.resume, swept };
-    let shown = &*progress;
-    let results: Vec<(String, Result<(), CopyError>)> = stream::iter(files)
-        .map(|(from, to, id)| async move {
-            let label = from.to_string();
-            let bar = shown.start(&label, id.size);
-            let r = transfer::get(client, &from, &to, topts, &bar).await;
-            match &r {
-                Ok(outcome) => bar.finish(outcome),
-                Err(_) => bar.fail(),
-            }
-            (label, r.map(|_| ()))
-        })
-        .buffer_unordered(opts.jobs.max(1))
-        .collect()
-        .await;
+    let results = copy_files(
+        files,
+        opts.jobs,
+        progress,
+        |from| from.to_string(),
+        |from: WirePath, to: PathBuf, bar| async move { (transfer::get(client, &from, &to, topts, &bar).await, bar) },
+    )
+    .await;
     for (label, r) in results {
         report.record(progress, "get", &label, r);
     }
