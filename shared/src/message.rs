@@ -116,6 +116,24 @@ pub enum Request {
     /// with the file's attributes after the write, so a client that caches attributes needs no
     /// `Stat` after each write. Appended in protocol 1 (see PROTOCOL.md, "Compound requests").
     WriteAttr { fh: Fh, offset: u64 },
+    /// Ask for change notices: answered by `Response::Done`. From then on the server sends, with
+    /// the reserved id [`NOTICE_ID`], `Response::Changed` frames naming what other connections of
+    /// the same user changed, so that a client may cache metadata for long (PROTOCOL.md, "Change
+    /// notices"). Appended in protocol 1.
+    Subscribe,
+    /// Store a whole small file in one request: the frame's data (at most
+    /// [`crate::MAX_DATA_BYTES`]) becomes the content of `path`, written under a temporary name
+    /// beside it and renamed into place (an existing file is replaced unless `exclusive`), with
+    /// `mode` and, when given, `mtime`. Quota-checked; not synced (see `SyncFs`). Answered by
+    /// `Response::Stored`. Appended in protocol 1.
+    PutFile { path: WirePath, mode: u32, mtime: Option<Timestamp>, exclusive: bool },
+    /// Read a whole file in one request: answered by `Response::FileData`, whose frame data holds
+    /// the first `min(size, max_len)` bytes (`max_len` at most [`crate::MAX_DATA_BYTES`]); a client
+    /// that gets fewer than `attr.size` bytes reads the rest with `Open`/`Read`. Appended in protocol 1.
+    GetFile { path: WirePath, max_len: u32 },
+    /// `syncfs` of the file system holding the home: answered by `Response::Done` once everything
+    /// written before it is on disk. Appended in protocol 1.
+    SyncFs,
 }
 
 /// What the server answers.
@@ -151,7 +169,20 @@ pub enum Response {
     LockTest(Option<LockSpec>),
     /// Answers `WriteAttr`: bytes written, and the file's attributes after the write.
     WrittenAttr { len: u32, attr: Attr },
+    /// A change notice, sent unasked with id [`NOTICE_ID`] after `Subscribe`: each path's entry
+    /// or content was changed by another connection of the same user (for a rename, both names).
+    /// `all` means notices were lost (the queue overflowed): drop every cached entry.
+    Changed { paths: Vec<WirePath>, all: bool },
+    /// Answers `PutFile`: the BLAKE3 of the bytes stored and the file's attributes after the rename.
+    Stored { hash: [u8; 32], attr: Attr },
+    /// Answers `GetFile`: the file's attributes when it was read and the BLAKE3 of the bytes sent
+    /// (the frame's data).
+    FileData { attr: Attr, hash: [u8; 32] },
 }
+
+/// The id of every unasked `Response::Changed` frame. Clients number their requests from 1, so
+/// no request ever has it; a request sent with id 0 is refused with a `Protocol` error.
+pub const NOTICE_ID: RequestId = RequestId(0);
 
 /// Seconds and nanoseconds since the Unix epoch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize)]

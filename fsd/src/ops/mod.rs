@@ -176,6 +176,11 @@ impl AuthedSession {
                 let h = self.handles.get(fh)?;
                 Response::LockTest(self.locks.test(h.file, self.id, fh.0, &lock))
             }
+            // Handled by the session layer (it owns the connection's notice stream).
+            Request::Subscribe => return Err(ErrorCode::Protocol.into()),
+            Request::PutFile { .. } | Request::GetFile { .. } | Request::SyncFs => {
+                return Err(ErrorCode::NotSupported.into());
+            }
         };
         Ok((answer, Bytes::new()))
     }

@@ -28,6 +28,7 @@ mod stats;
 
 pub use addr::AddrError;
 pub use login_args::LoginArgs;
+pub use mux::{Notice, NoticeFn};
 
 use handles::{Handles, Lookup};
 use mux::{Conn, Mux, SendError};
@@ -229,6 +230,16 @@ impl Client {
     /// (30 s by default; keep it under the server's `idle_timeout_secs`).
     pub fn set_keepalive(&self, idle: Duration) {
         self.inner.mux.set_keepalive(idle);
+    }
+
+    /// Asks the server for change notices (`Subscribe`) on this connection and every later one:
+    /// `to` gets each `Notice` (see [`NoticeFn`] for what it may do). After a reconnect, `to` gets
+    /// `Notice::Reconnected` once the new connection is subscribed (notices of the gap are lost).
+    ///
+    /// # Errors
+    /// The server's refusal (an older server: `Protocol`), or the connection's failure.
+    pub async fn subscribe(&self, to: NoticeFn) -> Result<(), WireError> {
+        self.inner.mux.subscribe(to, self.inner.reconnect_timeout).await
     }
 
     /// How many handles from [`Client::open`] are not yet closed.

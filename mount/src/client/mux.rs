@@ -12,9 +12,11 @@
 use bytes::Bytes;
 use futures::StreamExt as _;
 use homefs_shared::frame::write_frame;
-use homefs_shared::{ErrorCode, Request, RequestHeader, RequestId, Response, Token, WireError, MAX_FRAME_BYTES};
+use homefs_shared::{
+    ErrorCode, Request, RequestHeader, RequestId, Response, Token, WireError, WirePath, MAX_FRAME_BYTES, NOTICE_ID,
+};
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 use tokio::io::AsyncWriteExt as _;
@@ -45,6 +47,37 @@ const BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// An answer: the server's result and the frame's data.
 pub(crate) type Reply = (Result<Response, WireError>, Bytes);
 
+/// What the server told this client unasked, after [`Mux::subscribe`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Notice {
+    /// Another connection of the same user changed these paths (entries or contents); `all`:
+    /// notices were lost on the server's side, so every cached entry may be stale.
+    Changed { paths: Vec<WirePath>, all: bool },
+    /// The connection was lost and made again: notices of the gap are lost, so every cached entry
+    /// may be stale. Sent once the new connection is subscribed again.
+    Reconnected,
+}
+
+/// Receives notices. Called from the connection's reader task: it must return at once (queue the
+/// work elsewhere; in particular never call into the kernel's FUSE notify from it, which can wait
+/// on a request that this very reader must answer).
+pub type NoticeFn = Arc<dyn Fn(Notice) + Send + Sync>;
+
+/// Where notices go; shared by the mux and every connection it makes.
+#[derive(Default)]
+struct NoticeSink {
+    to: Mutex<Option<NoticeFn>>,
+}
+
+impl NoticeSink {
+    fn deliver(&self, n: Notice) {
+        let to = lock(&self.to).clone();
+        if let Some(f) = to {
+            f(n);
+        }
+    }
+}
+
 /// Why a request got no answer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum SendError {
@@ -69,6 +102,8 @@ pub(crate) struct Conn {
     last_frame: Mutex<Instant>,
     /// Cancelled when the connection dies (or the client is dropped: a child token).
     dead: CancellationToken,
+    /// Where unasked `Changed` frames go.
+    notices: Arc<NoticeSink>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -79,7 +114,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 impl Conn {
     /// Starts the reader and writer tasks on a logged-in transport.
-    fn spawn(t: Transport, epoch: u64, parent: &CancellationToken) -> Arc<Conn> {
+    fn spawn(t: Transport, epoch: u64, parent: &CancellationToken, notices: Arc<NoticeSink>) -> Arc<Conn> {
         let (tx, rx) = mpsc::channel(WRITE_QUEUE);
         let conn = Arc::new(Conn {
             epoch,
@@ -88,6 +123,7 @@ impl Conn {
             pending: Mutex::new(Some(HashMap::new())),
             last_frame: Mutex::new(Instant::now()),
             dead: parent.child_token(),
+            notices,
         });
         tokio::spawn(read_loop(conn.clone(), t.reader));
         tokio::spawn(write_loop(conn.clone(), rx, t.writer));
@@ -165,6 +201,13 @@ async fn read_loop(conn: Arc<Conn>, mut reader: Reader) {
                 break;
             }
         };
+        if header.id == NOTICE_ID {
+            match header.result {
+                Ok(Response::Changed { paths, all }) => conn.notices.deliver(Notice::Changed { paths, all }),
+                other => tracing::debug!(?other, "unexpected unasked frame; ignored"),
+            }
+            continue;
+        }
         let waiter = lock(&conn.pending).as_mut().and_then(|m| m.remove(&header.id));
         match waiter {
             // The caller may have given up (dropped its future): nothing to do then.
@@ -230,13 +273,17 @@ pub(crate) struct Mux {
     keepalive_changed: tokio::sync::Notify,
     /// Successful reconnects so far.
     reconnects: AtomicU64,
+    /// Where notices go, and whether to subscribe again on every new connection.
+    notices: Arc<NoticeSink>,
+    subscribed: AtomicBool,
 }
 
 impl Mux {
     /// Starts multiplexing on the first, logged-in connection.
     pub(crate) fn start(dialer: Dialer, transport: Transport, token: Token) -> Arc<Mux> {
         let shutdown = CancellationToken::new();
-        let conn = Conn::spawn(transport, 0, &shutdown);
+        let notices = Arc::new(NoticeSink::default());
+        let conn = Conn::spawn(transport, 0, &shutdown, notices.clone());
         let (state, _) = watch::channel(State::Up(conn.clone()));
         let mux = Arc::new(Mux {
             dialer,
@@ -246,6 +293,8 @@ impl Mux {
             keepalive_ms: AtomicU64::new(KEEPALIVE_IDLE.as_millis() as u64),
             keepalive_changed: tokio::sync::Notify::new(),
             reconnects: AtomicU64::new(0),
+            notices,
+            subscribed: AtomicBool::new(false),
         });
         tokio::spawn(supervise(mux.clone(), conn));
         mux
@@ -301,6 +350,17 @@ impl Mux {
         }
     }
 
+    /// Sends `Subscribe` on the current connection and on every later one; `to` gets the notices.
+    ///
+    /// # Errors
+    /// The server's refusal, or `Io`/`NotConnected` when no connection comes up within `wait`.
+    pub(crate) async fn subscribe(&self, to: NoticeFn, wait: Duration) -> Result<(), WireError> {
+        *lock(&self.notices.to) = Some(to);
+        self.subscribed.store(true, Ordering::SeqCst);
+        let conn = self.conn(Instant::now() + wait, wait).await?;
+        subscribe_on(&conn).await
+    }
+
     /// Sets how long the connection may be idle before a keepalive `Ping` (at least 100 ms).
     pub(crate) fn set_keepalive(&self, idle: Duration) {
         self.keepalive_ms.store(idle.as_millis().max(100) as u64, Ordering::Relaxed);
@@ -334,6 +394,15 @@ impl Mux {
     }
 }
 
+/// Sends `Subscribe` on `conn` and waits (bounded by the reply timeout) for its answer.
+async fn subscribe_on(conn: &Conn) -> Result<(), WireError> {
+    match conn.request(Request::Subscribe, Bytes::new()).await {
+        Ok((Ok(_), _)) => Ok(()),
+        Ok((Err(e), _)) => Err(e),
+        Err(e) => Err(WireError::new(ErrorCode::Io, format!("subscribe: {e:?}"))),
+    }
+}
+
 /// Watches the connection; after a loss, reconnects with backoff and `Resume`s with the token.
 async fn supervise(mux: Arc<Mux>, mut conn: Arc<Conn>) {
     loop {
@@ -354,7 +423,20 @@ async fn supervise(mux: Arc<Mux>, mut conn: Arc<Conn>) {
             match attempt {
                 Ok((transport, fresh)) => {
                     *lock(&mux.token) = fresh;
-                    conn = Conn::spawn(transport, conn.epoch + 1, &mux.shutdown);
+                    conn = Conn::spawn(transport, conn.epoch + 1, &mux.shutdown, mux.notices.clone());
+                    if mux.subscribed.load(Ordering::SeqCst) {
+                        if let Err(e) = subscribe_on(&conn).await {
+                            tracing::warn!(error = %e, "subscribing to change notices failed; reconnecting");
+                            conn.kill();
+                            tokio::select! {
+                                _ = mux.shutdown.cancelled() => return,
+                                _ = tokio::time::sleep(delay) => {}
+                            }
+                            delay = (delay * 2).min(BACKOFF_MAX);
+                            continue;
+                        }
+                        mux.notices.deliver(Notice::Reconnected);
+                    }
                     mux.reconnects.fetch_add(1, Ordering::Relaxed);
                     mux.state.send_replace(State::Up(conn.clone()));
                     tracing::info!(server = %mux.dialer.host_port(), epoch = conn.epoch, "reconnected");

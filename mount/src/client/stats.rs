@@ -5,7 +5,7 @@ use homefs_shared::Request;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 /// The kinds counted, in the order [`kind`] numbers them.
-const KINDS: [&str; 25] = [
+const KINDS: [&str; 29] = [
     "hello",
     "login",
     "resume",
@@ -31,6 +31,10 @@ const KINDS: [&str; 25] = [
     "test_lock",
     "ping",
     "write_attr",
+    "subscribe",
+    "put_file",
+    "get_file",
+    "sync_fs",
 ];
 
 /// The index of a request's kind in [`KINDS`].
@@ -61,6 +65,10 @@ fn kind(r: &Request) -> usize {
         Request::TestLock { .. } => 22,
         Request::Ping => 23,
         Request::WriteAttr { .. } => 24,
+        Request::Subscribe => 25,
+        Request::PutFile { .. } => 26,
+        Request::GetFile { .. } => 27,
+        Request::SyncFs => 28,
     }
 }
 
