@@ -1,7 +1,7 @@
 //! Several mounts at once: two users isolated, close-to-open between two mounts of one user,
 //! flock and fcntl (sqlite) locks across mounts, and a server restarted under a live mount.
 
-use homefs_tests::mount::{fuse_available, wait_until, TestMount, PASSWORD};
+use homefs_tests::mount::{fuse_available, wait_until, LoggedMount, TestMount, PASSWORD};
 use homefs_tests::{hash, TestServer};
 use std::fs;
 use std::process::{Command, Stdio};
@@ -160,4 +160,45 @@ fn mount_outage_fails_within_reconnect_timeout() {
     server.start_again();
     assert_eq!(m.sh_ok("cat kept"), "kept\n");
     m.sh_ok("echo new > new");
+}
+
+#[test]
+fn mount_changes_by_another_mount_are_seen_well_before_the_cache_ttl() {
+    let name = "mount_changes_by_another_mount_are_seen_well_before_the_cache_ttl";
+    if !fuse_available(name) {
+        return;
+    }
+    let server = TestServer::start(name);
+    server.add_user("alice", PASSWORD, None);
+    // A caches for 30 s (change notices on); every change below must reach it in under 5 s.
+    let a = LoggedMount::new(&server, "alice", PASSWORD, "");
+    assert!(a.notices_on(), "the server sends change notices; log:\n{}", a.log());
+    let b = TestMount::new(&server, "alice", PASSWORD, "");
+    let soon = Duration::from_secs(5);
+    a.sh_ok("mkdir d && echo one > d/f && ls -l d > /dev/null && test ! -e d/g && stat d/f > /dev/null");
+    let list = |m: &LoggedMount| m.sh_ok("ls d").split_whitespace().map(str::to_string).collect::<Vec<_>>().join(" ");
+    assert_eq!(list(&a), "f");
+
+    b.sh_ok("echo new > d/g");
+    wait_until(soon, "A to see d/g created by B", || a.join("d/g").exists());
+    wait_until(soon, "A's listing of d to show g", || list(&a) == "f g");
+
+    b.sh_ok("rm d/f");
+    wait_until(soon, "A to see d/f unlinked by B", || !a.join("d/f").exists());
+
+    b.sh_ok("mv d/g d/h");
+    wait_until(soon, "A to see d/g renamed to d/h by B", || !a.join("d/g").exists() && a.join("d/h").exists());
+    assert_eq!(list(&a), "h");
+
+    b.sh_ok("echo 'longer than before' >> d/h");
+    let size = || fs::metadata(a.join("d/h")).map(|m| m.len()).unwrap_or(0);
+    wait_until(soon, "A to see the new size of d/h written by B", || size() == 23);
+    assert_eq!(a.sh_ok("cat d/h"), "new\nlonger than before\n");
+
+    b.sh_ok("mkdir d/sub && touch d/sub/x");
+    wait_until(soon, "A to see d/sub/x made by B", || a.join("d/sub/x").exists());
+    assert!(a.join("d/sub").is_dir());
+
+    b.sh_ok("rm -r d");
+    wait_until(soon, "A to see d removed by B", || !a.join("d").exists());
 }

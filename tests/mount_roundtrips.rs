@@ -1,11 +1,12 @@
 //! The round-trip savings of netmount and what they must not change: `WriteAttr` (a write that
 //! answers with the attributes), names in a directory just created answered absent from the
-//! cache, directory times kept locally after a create or unlink, and `release` answered before
-//! its `Close` is sent.
+//! cache, directory times kept locally after a create or unlink, `release` answered before its
+//! `Close` is sent, and the metadata cache counted in round trips (a second `find`, `rm -rf`,
+//! creates).
 
 use bytes::Bytes;
 use homefs_shared::{ErrorCode, OpenFlags};
-use homefs_tests::mount::{fuse_available, mounted_alice, wait_until, TestMount, PASSWORD};
+use homefs_tests::mount::{delta, fuse_available, mounted_alice, wait_until, LoggedMount, TestMount, PASSWORD};
 use homefs_tests::{wp, TestServer};
 use std::fs;
 use std::time::Duration;
@@ -128,4 +129,181 @@ fn mount_queued_write_errors_surface_on_write_close_or_fsync() {
     assert_eq!(out, format!("error {}\n", libc::EDQUOT), "the quota error surfaced");
     // Data written within the quota reads back whole after close (writes settled first).
     m.sh_ok("rm -f big2 && head -c 300000 /dev/urandom > src && cp src dst && cmp src dst");
+}
+
+/// Makes the kernel forget its dentries and inodes (`drop_caches` = 2, as the benchmark does
+/// before a cold run); `false` when this process may not (not root).
+/// A server with alice (after `prepare` ran on it) and a logged mount of her home; `None` (the
+/// test skips, saying why) without FUSE.
+fn logged_alice(name: &str, prepare: impl FnOnce(&TestServer)) -> Option<(TestServer, LoggedMount)> {
+    if !fuse_available(name) {
+        return None;
+    }
+    let server = TestServer::start(name);
+    server.add_user("alice", PASSWORD, None);
+    prepare(&server);
+    let m = LoggedMount::new(&server, "alice", PASSWORD, "");
+    Some((server, m))
+}
+
+fn kernel_forgets() -> bool {
+    fs::write("/proc/sys/vm/drop_caches", "2").is_ok()
+}
+
+/// A tree written on the server's disk, unknown to the mount: `dirs` directories of `files` files.
+fn tree_on_server(server: &TestServer, dirs: usize, files: usize) {
+    let top = server.home_path("alice").join("tree");
+    for d in 0..dirs {
+        let dir = top.join(format!("d{d}"));
+        fs::create_dir_all(&dir).expect("make a directory on the server's disk");
+        for f in 0..files {
+            fs::write(dir.join(format!("f{f}")), b"x").expect("write a file on the server's disk");
+        }
+    }
+}
+
+#[test]
+fn mount_a_second_find_costs_no_round_trip_even_after_the_kernel_forgot() {
+    let Some((_server, m)) =
+        logged_alice("mount_a_second_find_costs_no_round_trip_even_after_the_kernel_forgot", |s| {
+            tree_on_server(s, 5, 20)
+        })
+    else {
+        return;
+    };
+    assert!(m.notices_on(), "the server sends change notices; log:\n{}", m.log());
+    let c0 = m.counts();
+    assert_eq!(m.sh_ok("find tree | wc -l").trim(), "106");
+    let c1 = m.counts();
+    // Each of the 6 directories once (and the home, which the shell may list).
+    let first = delta(&c0, &c1, "readdir");
+    assert!((6..=7).contains(&first), "the first find lists each directory once: {c1:?}");
+    let forgot = kernel_forgets();
+    assert_eq!(m.sh_ok("find tree -type f | wc -l").trim(), "100");
+    assert_eq!(m.sh_ok("ls -lR tree | grep -c '^-'").trim(), "100");
+    let c2 = m.counts();
+    for kind in ["readdir", "stat", "open"] {
+        assert_eq!(delta(&c1, &c2, kind), 0, "{kind} after the first find (kernel forgot: {forgot}): {c2:?}");
+    }
+}
+
+#[test]
+fn mount_rm_rf_of_n_files_costs_about_n_requests() {
+    let Some((server, m)) =
+        logged_alice("mount_rm_rf_of_n_files_costs_about_n_requests", |s| tree_on_server(s, 2, 150))
+    else {
+        return;
+    };
+    let c0 = m.counts();
+    m.sh_ok("rm -rf tree");
+    let c1 = m.counts();
+    assert!(!server.home_path("alice").join("tree").exists(), "the tree is gone on the server");
+    assert_eq!(delta(&c0, &c1, "unlink"), 300);
+    assert_eq!(delta(&c0, &c1, "rmdir"), 3);
+    let total: u64 = c1.keys().map(|k| delta(&c0, &c1, k)).sum();
+    assert!(total <= 300 + 3 + 12, "rm -rf of 300 files in 3 directories cost {total} requests: {c1:?}");
+}
+
+#[test]
+fn mount_creating_files_costs_one_open_each_and_no_lookup() {
+    let Some((_server, m)) = logged_alice("mount_creating_files_costs_one_open_each_and_no_lookup", |_| ()) else {
+        return;
+    };
+    m.sh_ok("mkdir new");
+    let c0 = m.counts();
+    m.sh_ok("cd new && for i in $(seq 1 100); do echo $i > f$i; done");
+    let c1 = m.counts();
+    assert_eq!(delta(&c0, &c1, "open"), 100, "{c1:?}");
+    // No lookup per file (names in a directory just made are known absent); at most the home's
+    // attributes, dropped when `new` was made in it.
+    assert!(delta(&c0, &c1, "stat") <= 1, "names in a directory just made are known absent: {c1:?}");
+    assert_eq!(m.sh_ok("cat new/f77"), "77\n");
+    // A mode set to what it is costs nothing; another one round trip each.
+    m.sh_ok("chmod 644 new/f1 new/f2 && chmod 600 new/f3");
+    let c2 = m.counts();
+    assert_eq!(delta(&c1, &c2, "setattr"), 1, "{c2:?}");
+    assert_eq!(m.sh_ok("stat -c %a new/f2 new/f3"), "644\n600\n");
+}
+
+#[test]
+fn mount_tar_x_costs_few_requests_per_file() {
+    let Some((_server, m)) = logged_alice("mount_tar_x_costs_few_requests_per_file", |_| ()) else { return };
+    let src = tempfile::tempdir().expect("temp dir");
+    for d in 0..4 {
+        let dir = src.path().join(format!("d{d}"));
+        fs::create_dir(&dir).expect("mkdir");
+        for f in 0..50 {
+            fs::write(dir.join(format!("f{f}")), vec![b'x'; 3000]).expect("write");
+        }
+    }
+    let tar = src.path().join("t.tar");
+    let out = std::process::Command::new("tar")
+        .args([
+            "cf",
+            tar.to_str().expect("utf-8 temp path"),
+            "-C",
+            src.path().to_str().expect("utf-8"),
+            "d0",
+            "d1",
+            "d2",
+            "d3",
+        ])
+        .output()
+        .expect("run tar c");
+    assert!(out.status.success(), "tar c: {}", String::from_utf8_lossy(&out.stderr));
+    let c0 = m.counts();
+    m.sh_ok(&format!("mkdir x && tar xf {} -C x", tar.display()));
+    let c1 = m.counts();
+    let total: u64 = c1.keys().map(|k| delta(&c0, &c1, k)).sum();
+    // Per file: open (create), its write, two setattr (tar creates with 0600, then sets the
+    // mtime and the mode), close; no lookup (the directories were just made: names known absent).
+    assert_eq!(delta(&c0, &c1, "open"), 200, "{c1:?}");
+    assert!(delta(&c0, &c1, "stat") <= 10, "no lookup per file: {c1:?}");
+    assert!(total <= 6 * 200, "tar x of 200 files cost {total} requests: {c1:?}");
+    assert_eq!(m.sh_ok("cat x/d3/f49 | wc -c").trim(), "3000");
+}
+
+#[test]
+fn mount_rm_rf_of_a_tree_made_through_the_mount_costs_one_request_per_name() {
+    let Some((_server, m)) =
+        logged_alice("mount_rm_rf_of_a_tree_made_through_the_mount_costs_one_request_per_name", |_| ())
+    else {
+        return;
+    };
+    m.sh_ok(
+        "mkdir t && cd t && for d in $(seq 1 20); do mkdir d$d; for f in 1 2 3 4 5; do echo x > d$d/f$f; done; done",
+    );
+    m.sh_ok("ls -lR t > /dev/null && find t > /dev/null");
+    let forgot = kernel_forgets();
+    let c0 = m.counts();
+    m.sh_ok("rm -rf t");
+    let c1 = m.counts();
+    let total: u64 = c1.keys().map(|k| delta(&c0, &c1, k)).sum();
+    let all: Vec<_> = c1.keys().map(|k| (k, delta(&c0, &c1, k))).filter(|(_, n)| *n > 0).collect();
+    eprintln!("rm -rf (kernel forgot: {forgot}): {total} requests: {all:?}");
+    assert_eq!(delta(&c0, &c1, "unlink") + delta(&c0, &c1, "rmdir"), 121);
+    assert!(total <= 121 + 3, "rm -rf of 100 files in 21 directories cost {total} requests: {all:?}");
+}
+
+#[test]
+fn mount_git_status_again_costs_no_readdir() {
+    let Some((_server, m)) = logged_alice("mount_git_status_again_costs_no_readdir", |_| ()) else { return };
+    m.sh_ok(
+        "mkdir r && cd r && git init -q && for d in 1 2 3 4 5; do mkdir d$d; for f in 1 2 3 4 5 6 7 8; do \
+         echo $d$f > d$d/f$f; done; done && git add -A && git -c user.name=t -c user.email=t@t commit -qm one",
+    );
+    let c0 = m.counts();
+    let forgot = kernel_forgets();
+    assert_eq!(m.sh_ok("cd r && git status --porcelain"), "");
+    let c1 = m.counts();
+    assert_eq!(m.sh_ok("cd r && git status --porcelain"), "");
+    let c2 = m.counts();
+    let show = |a: &homefs_tests::mount::Counts, b: &homefs_tests::mount::Counts| {
+        b.keys().map(|k| (k.clone(), delta(a, b, k))).filter(|(_, n)| *n > 0).collect::<Vec<_>>()
+    };
+    eprintln!("git status after drop_caches ({forgot}): {:?}; again: {:?}", show(&c0, &c1), show(&c1, &c2));
+    assert_eq!(delta(&c0, &c1, "readdir"), 0, "listings kept from the commit: {:?}", show(&c0, &c1));
+    assert_eq!(delta(&c1, &c2, "readdir"), 0, "the untracked-file scan lists from the cache: {:?}", show(&c1, &c2));
+    // The lstat of every file from the cache; git's own index rewrite (rename) costs a lookup or two.
+    assert!(delta(&c1, &c2, "stat") <= 3, "lstat of every file from the cache: {:?}", show(&c1, &c2));
 }

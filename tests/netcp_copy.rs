@@ -126,6 +126,60 @@ fn netcp_tree_with_nested_dirs_and_symlinks() {
     assert_eq!(tree_listing(&back), tree_listing(&tree));
 }
 
+/// The `(kind, count)` pairs of the "requests sent" debug line, e.g. `("put_file", 30)`.
+fn requests_sent(stderr: &str) -> String {
+    let line =
+        stderr.lines().find(|l| l.contains("requests sent")).unwrap_or_else(|| panic!("no request counts in {stderr}"));
+    line.to_string()
+}
+
+#[test]
+fn netcp_small_files_take_one_request_each_and_one_sync() {
+    let (server, netcp) = server_with_alice("netcp_small_files_take_one_request_each_and_one_sync", None);
+    let work = tempfile::tempdir().expect("tempdir");
+    let tree = work.path().join("many");
+    for d in 0..3 {
+        std::fs::create_dir_all(tree.join(format!("d{d}"))).expect("mkdir");
+        for f in 0..10 {
+            write_random(&tree.join(format!("d{d}/f{f}")), 4096 + f, d * 100 + f);
+        }
+    }
+    // Exactly at the threshold: still one request; one byte more: streamed.
+    write_random(&tree.join("edge"), 1 << 20, 7);
+    write_random(&tree.join("big"), (1 << 20) + 1, 8);
+    let run = netcp
+        .run_logged([
+            std::ffi::OsStr::new("-r"),
+            "-j".as_ref(),
+            "4".as_ref(),
+            tree.as_os_str(),
+            netcp.remote("").as_os_str(),
+        ])
+        .ok();
+    let sent = requests_sent(&run.stderr);
+    assert!(sent.contains("(\"put_file\", 31)"), "31 small files, one PutFile each: {sent}");
+    assert!(sent.contains("(\"sync_fs\", 1)"), "one SyncFs for the run: {sent}");
+    assert!(!sent.contains("fsync"), "no fsync per file: {sent}");
+    let on_server = server.home_path("alice").join("many");
+    assert_eq!(tree_listing(&on_server), tree_listing(&tree));
+    assert!(partial_files(&on_server.join("d0")).is_empty() && partial_files(&on_server).is_empty());
+
+    let back = work.path().join("back");
+    let run = netcp
+        .run_logged([
+            std::ffi::OsStr::new("-r"),
+            "-j".as_ref(),
+            "4".as_ref(),
+            netcp.remote("many").as_os_str(),
+            back.as_os_str(),
+        ])
+        .ok();
+    let sent = requests_sent(&run.stderr);
+    assert!(sent.contains("(\"get_file\", 31)"), "31 small files, one GetFile each: {sent}");
+    assert!(!sent.contains("fsync"), "no fsync per file: {sent}");
+    assert_eq!(tree_listing(&back), tree_listing(&tree));
+}
+
 fn mode_and_mtime(p: &Path) -> (u32, std::time::SystemTime) {
     use std::os::unix::fs::PermissionsExt;
     let m = std::fs::metadata(p).unwrap_or_else(|e| panic!("stat {}: {e}", p.display()));

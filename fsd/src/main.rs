@@ -128,7 +128,10 @@ fn user(cmd: UserCommand) -> anyhow::Result<()> {
 /// and stays there: fsd grew by 19 MiB a login and peaked at 240 MiB. With one arena (freed frames
 /// reused by every thread, no page faults) and a fixed 8 MiB threshold (argon2's memory and any
 /// other block that large goes back to the kernel when freed): under 40 MiB, same throughput.
-const MALLOC_ENV: [(&str, &str); 2] = [("MALLOC_ARENA_MAX", "1"), ("MALLOC_MMAP_THRESHOLD_", "8388608")];
+/// A 32 MiB trim threshold keeps freed frames mapped instead of trimming and faulting them back:
+/// writing 1 GiB through a mount, 110k-151k page faults -> 3.6k, same 26 MiB peak.
+const MALLOC_ENV: [(&str, &str); 3] =
+    [("MALLOC_ARENA_MAX", "1"), ("MALLOC_MMAP_THRESHOLD_", "8388608"), ("MALLOC_TRIM_THRESHOLD_", "33554432")];
 
 /// Re-executes fsd with [`MALLOC_ENV`] unless any of it, or `GLIBC_TUNABLES`, is set already
 /// (after the re-exec, or by the operator, whose choice stands). Returns only when it does not

@@ -3,7 +3,17 @@
 //!
 //! ```text
 //! reader (this task) --spawn--> one task per request --(bounded channel)--> writer task --> TLS
+//!                                 notice task (after Subscribe) --^  (id 0, one frame queued at most)
 //! ```
+//! `Subscribe` and requests with the reserved id 0 are the session layer's: the first starts the
+//! connection's notice task (PROTOCOL.md, "Change notices"), the second is refused (`Protocol`).
+//!
+//! Cheap requests skip the task and the blocking pool when they cannot wait for the disk: a
+//! `Stat` whose whole lookup is in the kernel's dcache (`RESOLVE_CACHED`) and a `Read` of at most
+//! 64 KiB whose bytes are in the page cache (`RWF_NOWAIT`) are answered by the reader itself;
+//! anything else (or on any error) goes the usual way. For a 4 KiB read or a stat that was three
+//! to four context switches of fsd per request, now one (`round_trip_rate` in
+//! tests/session_protocol.rs measures it).
 //! Back-pressure: a request takes a session permit before it is read; its task keeps the permit
 //! until its answer is queued. A client that stops reading fills the writer's queue, the tasks
 //! wait with their permits, and the reader stops reading that client: nothing grows without
@@ -15,7 +25,8 @@ use bytes::Bytes;
 use futures::{FutureExt, StreamExt};
 use homefs_shared::frame::{write_frame, FrameCodec};
 use homefs_shared::{
-    login_code, ErrorCode, Frame, FrameError, Request, RequestId, Response, ResponseHeader, WireError, PROTOCOL_VERSION,
+    login_code, ErrorCode, Fh, Frame, FrameError, Request, RequestId, Response, ResponseHeader, WireError, NOTICE_ID,
+    PROTOCOL_VERSION,
 };
 use std::future::Future;
 use std::io;
@@ -27,12 +38,15 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, BufWriter};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc::{self, error::TryRecvError};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-use tokio::task::JoinSet;
+use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::Instant;
 use tokio_util::codec::FramedRead;
 use tracing::{debug, error, info, warn, Instrument};
 
 use crate::accounts::Login;
+use crate::home::notices::Notice;
+use crate::home::Subscription;
+use crate::ops::file::CACHED_READ_MAX;
 use crate::ops::AuthedSession;
 use crate::shutdown::Shutdown;
 use crate::State;
@@ -47,8 +61,8 @@ pub const WRITER_QUEUE: usize = 16;
 /// through without being copied into it.
 pub const WRITE_BUFFER_BYTES: usize = 256 << 10;
 
-/// An answer, the data that follows it in its frame, and the share of the server's read budget
-/// that data holds until it is sent.
+/// An answer, the data that follows it in its frame, and what it holds until it is written: the
+/// share of the server's read budget its data holds, or a notice frame's queue slot.
 type Answer = (ResponseHeader, Bytes, Option<OwnedSemaphorePermit>);
 
 /// Why a session ended, for the log.
@@ -103,8 +117,15 @@ pub async fn run(
         Err(end) => end,
         Ok((authed, _user_permit)) => {
             let mut tasks = JoinSet::new();
-            let end = serve_requests(&mut frames, &tx, &state, &authed, &mut tasks, &mut requests, &mut shutdown).await;
+            let mut notices = None;
+            let mut session = Serving { tasks: &mut tasks, notices: &mut notices, requests: &mut requests };
+            let end = serve_requests(&mut frames, &tx, &state, &authed, &mut session, &mut shutdown).await;
             drop(frames);
+            // Unsubscribes (the task owns the subscription) and lets go of its writer sender.
+            if let Some(notices) = notices.take() {
+                notices.abort();
+                let _ = notices.await;
+            }
             // In-flight requests finish (by the server's shutdown deadline, or within the
             // shutdown timeout when the client went), then the session's locks and files go.
             let finish_by = shutdown.deadline().unwrap_or_else(|| Instant::now() + limits.shutdown_timeout_secs);
@@ -265,16 +286,26 @@ fn decode(frame: &Frame) -> Result<homefs_shared::RequestHeader, End> {
     })
 }
 
+/// What a logged-in session's reader keeps besides the connection.
+struct Serving<'a> {
+    /// One task per request in flight.
+    tasks: &'a mut JoinSet<()>,
+    /// The change-notice task, once the client subscribed.
+    notices: &'a mut Option<JoinHandle<()>>,
+    /// Requests read, for the log.
+    requests: &'a mut u64,
+}
+
 /// After login: reads requests and hands each to its own task, until the connection ends.
 async fn serve_requests<R: AsyncRead + Unpin>(
     frames: &mut Frames<R>,
     tx: &mpsc::Sender<Answer>,
     state: &State,
     authed: &Arc<AuthedSession>,
-    tasks: &mut JoinSet<()>,
-    requests: &mut u64,
+    serving: &mut Serving<'_>,
     shutdown: &mut Shutdown,
 ) -> End {
+    let Serving { tasks, notices, requests } = serving;
     let limits = &state.config.limits;
     let in_flight = Arc::new(Semaphore::new(limits.max_in_flight_per_session));
     loop {
@@ -300,7 +331,7 @@ async fn serve_requests<R: AsyncRead + Unpin>(
             Ok(h) => h,
             Err(end) => return end,
         };
-        *requests += 1;
+        **requests += 1;
         let id = header.id;
         // Deleting a user ends their sessions too, not only their tokens: checked per request
         // (one map lookup), so an idle session ends at its next request or its idle timeout.
@@ -308,6 +339,26 @@ async fn serve_requests<R: AsyncRead + Unpin>(
             warn!(user = authed.user(), "user deleted; ending the session");
             let _ = answer(tx, id, Err(WireError::new(ErrorCode::Access, "user deleted"))).await;
             return End::Revoked;
+        }
+        if id == NOTICE_ID {
+            // Its answer would look like a notice: refused (the client numbers from 1).
+            warn!("request with the notice id 0");
+            if answer(tx, id, Err(WireError::new(ErrorCode::Protocol, "request id 0 is reserved"))).await.is_err() {
+                return End::WriterGone;
+            }
+            continue;
+        }
+        if matches!(header.request, Request::Subscribe) {
+            // Done first, so that every notice comes after it; a second Subscribe changes nothing.
+            if answer(tx, id, Ok(Response::Done)).await.is_err() {
+                return End::WriterGone;
+            }
+            if notices.is_none() {
+                let subscription = authed.home().notices.subscribe(authed.id());
+                debug!(watchers = authed.home().notices.watchers(), "subscribed to change notices");
+                **notices = Some(tokio::spawn(send_notices(subscription, tx.clone()).in_current_span()));
+            }
+            continue;
         }
         if matches!(header.request, Request::Hello { .. } | Request::Login { .. } | Request::Resume { .. }) {
             warn!(request = request_kind(&header.request), "handshake request after login");
@@ -343,6 +394,29 @@ async fn serve_requests<R: AsyncRead + Unpin>(
                 }
             }
         };
+        // A small Read whose bytes are in the page cache is answered here, without a task and
+        // without a hop to the blocking pool (for a 4 KiB read those hops are most of the time);
+        // one that would wait for the disk goes the usual way, so the reader never blocks on it.
+        if let Request::Stat { path } = &header.request {
+            if let Some(response) = authed.stat_cached(path) {
+                if answer(tx, id, Ok(response)).await.is_err() {
+                    return End::WriterGone;
+                }
+                drop(permit);
+                continue;
+            }
+        }
+        if let Request::Read { fh, offset, len } = header.request {
+            if let Some(answered) = read_cached(state, authed, fh, offset, len) {
+                let (response, data, held) = answered;
+                let header = ResponseHeader { id, result: Ok(response) };
+                if tx.send((header, data, held)).await.is_err() {
+                    return End::WriterGone;
+                }
+                drop(permit);
+                continue;
+            }
+        }
         let (tx, authed) = (tx.clone(), authed.clone());
         let read_units = match header.request {
             Request::Read { len, .. } => data_budget_units(len.min(homefs_shared::MAX_DATA_BYTES) as usize),
@@ -384,6 +458,48 @@ async fn serve_requests<R: AsyncRead + Unpin>(
             .in_current_span(),
         );
     }
+}
+
+/// Notice frames a subscriber may have queued for its writer and not yet written: one, so that
+/// while a client does not read, changes gather (and coalesce, or overflow into `all`) in the
+/// bounded inbox instead of filling the writer's queue with notices.
+const NOTICES_QUEUED: usize = 1;
+
+/// The change-notice task of a subscribed session: sends each batch of the other sessions'
+/// changes as a `Changed` frame with id [`NOTICE_ID`]. Ends when the writer is gone, or when
+/// aborted at the session's end (dropping the subscription unsubscribes).
+async fn send_notices(subscription: Subscription, tx: mpsc::Sender<Answer>) {
+    let queued = Arc::new(Semaphore::new(NOTICES_QUEUED));
+    loop {
+        // Taken before the batch: the writer gives it back once the previous frame is written.
+        let Ok(slot) = queued.clone().acquire_owned().await else { return };
+        let Notice { paths, all } = subscription.next().await;
+        debug!(paths = paths.len(), all, "change notice");
+        let header = ResponseHeader { id: NOTICE_ID, result: Ok(Response::Changed { paths, all }) };
+        if tx.send((header, Bytes::new(), Some(slot))).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// A cached small read, answered at once with its share of the read budget (taken without
+/// waiting); `None` when it must go through the request's task.
+fn read_cached(
+    state: &State,
+    authed: &AuthedSession,
+    fh: Fh,
+    offset: u64,
+    len: u32,
+) -> Option<(Response, Bytes, Option<OwnedSemaphorePermit>)> {
+    if len > CACHED_READ_MAX {
+        return None;
+    }
+    let held = match data_budget_units(len as usize) {
+        None => None,
+        Some(units) => Some(state.read_budget.clone().try_acquire_many_owned(units).ok()?),
+    };
+    let (response, data) = authed.read_cached(fh, offset, len)?;
+    Some((response, data, held))
 }
 
 /// A share of a data budget: `bytes` in [`crate::READ_BUDGET_UNIT`]s, rounded up; `None` for no

@@ -566,3 +566,114 @@ async fn write_data_is_bounded_server_wide_and_every_write_lands() {
     wait_until("every write share to come back", || async move { state.write_budget_free() == full }).await;
     server.stop().await;
 }
+
+/// A measurement, not a check (ignored by default): round trips per second of the `fsd` binary
+/// on one connection with one request in flight — `Stat` of a file, and 4 KiB `Read`s at random
+/// offsets of a file in the page cache. With `FSD_BENCH_ENV_B="NAME=VALUE"`, each round runs a
+/// second server with that variable set, alternating, and prints the ratio (B / A) per round.
+/// Run: `cargo test --release -p fsd --test session_protocol -- --ignored --nocapture round_trip_rate`
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a measurement; run with --ignored --nocapture"]
+async fn round_trip_rate() {
+    use homefs_shared::{OpenFlags, Response};
+    let n: usize = std::env::var("FSD_BENCH_N").ok().and_then(|v| v.parse().ok()).unwrap_or(5000);
+    let rounds: usize = std::env::var("FSD_BENCH_ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(3);
+    let env_b = std::env::var("FSD_BENCH_ENV_B").ok();
+    let inst = Instance::new("rtt");
+    inst.add_user("alice", "pw");
+    const FILE_BYTES: u64 = 16 << 20;
+    let measure = |env: Vec<(String, String)>| {
+        let config_file = inst.config_file.clone();
+        let log = inst.dir.join("bench.log");
+        async move {
+            let env_refs: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+            let server = support::ServeProcess::start_with_env(&config_file, &log, &env_refs);
+            let mut c = server.connect().await;
+            granted(&c.login("alice", "pw").await);
+            let path = WirePath::new("rtt-file").expect("valid");
+            let flags = OpenFlags { read: true, write: true, create: true, ..OpenFlags::default() };
+            let Ok(Response::Opened { fh, attr }) =
+                c.call(Request::Open { path: path.clone(), flags, mode: 0o600 }).await
+            else {
+                panic!("open")
+            };
+            if attr.size < FILE_BYTES {
+                let chunk = vec![5u8; 1 << 20];
+                for i in 0..FILE_BYTES >> 20 {
+                    let id = c.send_with(Request::Write { fh, offset: i << 20 }, &chunk).await;
+                    let (h, _) = c.recv().await;
+                    assert_eq!(h.id, id);
+                    h.result.expect("write");
+                }
+            }
+            let pid = server.child.id();
+            let (cpu0, cs0) = process_cost(pid);
+            let started = Instant::now();
+            for _ in 0..n {
+                c.call(Request::Stat { path: path.clone() }).await.expect("stat");
+            }
+            let stats = n as f64 / started.elapsed().as_secs_f64();
+            let (cpu1, cs1) = process_cost(pid);
+            let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+            let started = Instant::now();
+            for _ in 0..n {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                let offset = (x % (FILE_BYTES / 4096)) * 4096;
+                c.call(Request::Read { fh, offset, len: 4096 }).await.expect("read");
+            }
+            let reads = n as f64 / started.elapsed().as_secs_f64();
+            let (cpu2, cs2) = process_cost(pid);
+            drop(c);
+            drop(server);
+            let per = |a: u64, b: u64| (b - a) as f64 / n as f64;
+            // (rate, fsd CPU µs per request, fsd context switches per request) for stat and read.
+            [(stats, per(cpu0, cpu1), per(cs0, cs1)), (reads, per(cpu1, cpu2), per(cs1, cs2))]
+        }
+    };
+    for round in 0..rounds {
+        let a = measure(Vec::new()).await;
+        let show = |tag: &str, m: &[(f64, f64, f64); 2]| {
+            format!(
+                "{tag} stat {:.0}/s {:.1}us {:.2}cs  read4k {:.0}/s {:.1}us {:.2}cs",
+                m[0].0, m[0].1, m[0].2, m[1].0, m[1].1, m[1].2
+            )
+        };
+        print!("round {round}: {}", show("A", &a));
+        if let Some(b) = &env_b {
+            let (k, v) = b.split_once('=').expect("FSD_BENCH_ENV_B is NAME=VALUE");
+            let b = measure(vec![(k.to_string(), v.to_string())]).await;
+            print!(" | {} | B/A rate stat {:.2} read {:.2}", show("B", &b), b[0].0 / a[0].0, b[1].0 / a[1].0);
+        }
+        println!();
+    }
+}
+
+/// CPU time (µs, user + system) and context switches (voluntary + not) of all threads of `pid`
+/// so far, from /proc.
+fn process_cost(pid: u32) -> (u64, u64) {
+    let (mut cpu_ticks, mut switches) = (0u64, 0u64);
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).expect("/proc/PID/task");
+    for task in tasks.flatten() {
+        let dir = task.path();
+        if let Ok(stat) = std::fs::read_to_string(dir.join("stat")) {
+            // Fields after the command's closing parenthesis: utime and stime are the 12th and 13th.
+            let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            cpu_ticks += f.get(11).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+            cpu_ticks += f.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+        }
+        if let Ok(status) = std::fs::read_to_string(dir.join("status")) {
+            for line in status.lines() {
+                if let Some(v) =
+                    line.strip_prefix("voluntary_ctxt_switches:").or(line.strip_prefix("nonvoluntary_ctxt_switches:"))
+                {
+                    switches += v.trim().parse::<u64>().unwrap_or(0);
+                }
+            }
+        }
+    }
+    // USER_HZ is 100 on Linux: a tick is 10 ms.
+    (cpu_ticks * 10_000, switches)
+}

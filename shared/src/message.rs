@@ -119,7 +119,9 @@ pub enum Request {
     /// Ask for change notices: answered by `Response::Done`. From then on the server sends, with
     /// the reserved id [`NOTICE_ID`], `Response::Changed` frames naming what other connections of
     /// the same user changed, so that a client may cache metadata for long (PROTOCOL.md, "Change
-    /// notices"). Appended in protocol 1.
+    /// notices"). Handled by the session itself; a second `Subscribe` changes nothing, and notices
+    /// last until the connection ends. Notices are hints: changes made on the server's disk
+    /// directly are not announced, so a cache still needs a TTL. Appended in protocol 1.
     Subscribe,
     /// Store a whole small file in one request: the frame's data (at most
     /// [`crate::MAX_DATA_BYTES`]) becomes the content of `path`, written under a temporary name
@@ -170,8 +172,11 @@ pub enum Response {
     /// Answers `WriteAttr`: bytes written, and the file's attributes after the write.
     WrittenAttr { len: u32, attr: Attr },
     /// A change notice, sent unasked with id [`NOTICE_ID`] after `Subscribe`: each path's entry
-    /// or content was changed by another connection of the same user (for a rename, both names).
-    /// `all` means notices were lost (the queue overflowed): drop every cached entry.
+    /// or content was changed by another connection of the same user (for a rename, both names;
+    /// for writes, the path the handle was opened with, once per burst and at Fsync/Close).
+    /// Coalesced: paths changed within a few milliseconds share a frame (at most 256, in no
+    /// order, each once). `all` (with no paths) means notices were lost (the subscriber fell
+    /// behind): drop every cached entry.
     Changed { paths: Vec<WirePath>, all: bool },
     /// Answers `PutFile`: the BLAKE3 of the bytes stored and the file's attributes after the rename.
     Stored { hash: [u8; 32], attr: Attr },

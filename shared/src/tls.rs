@@ -199,4 +199,92 @@ mod tests {
         assert!(fp.starts_with("SHA256:"));
         assert_eq!(fp.len(), 7 + 43);
     }
+
+    /// A server and a pinned client, connected in memory (no socket), handshake done.
+    fn pair() -> (rustls::ClientConnection, rustls::ServerConnection) {
+        let made = rcgen::generate_simple_self_signed(vec!["homefs".to_string()]).expect("certificate");
+        let cert = made.cert.der().clone();
+        let key = PrivateKeyDer::try_from(made.signing_key.serialize_der()).expect("key");
+        let server = server_config(vec![cert.clone()], key).expect("server config");
+        let client = pinned_client_config(PinVerifier::pinned(fingerprint(&cert)));
+        let name = ServerName::try_from("homefs").expect("name");
+        let mut c = rustls::ClientConnection::new(client, name).expect("client");
+        let mut s = rustls::ServerConnection::new(server).expect("server");
+        for _ in 0..10 {
+            shuttle(&mut c, &mut s);
+            if !c.is_handshaking() && !s.is_handshaking() {
+                return (c, s);
+            }
+        }
+        panic!("the handshake did not finish in 10 exchanges");
+    }
+
+    /// Moves the TLS bytes each side has to send over to the other.
+    fn shuttle(c: &mut rustls::ClientConnection, s: &mut rustls::ServerConnection) {
+        let mut wire = Vec::new();
+        while c.wants_write() {
+            c.write_tls(&mut wire).expect("client writes");
+        }
+        let mut rd = &wire[..];
+        while !rd.is_empty() {
+            s.read_tls(&mut rd).expect("server reads");
+            s.process_new_packets().expect("server accepts");
+        }
+        wire.clear();
+        while s.wants_write() {
+            s.write_tls(&mut wire).expect("server writes");
+        }
+        let mut rd = &wire[..];
+        while !rd.is_empty() {
+            c.read_tls(&mut rd).expect("client reads");
+            c.process_new_packets().expect("client accepts");
+        }
+    }
+
+    #[test]
+    fn both_ends_settle_on_aes_128_gcm() {
+        let (c, s) = pair();
+        let suite = |cs: Option<rustls::SupportedCipherSuite>| cs.map(|cs| cs.suite());
+        assert_eq!(suite(c.negotiated_cipher_suite()), Some(rustls::CipherSuite::TLS13_AES_128_GCM_SHA256));
+        assert_eq!(suite(s.negotiated_cipher_suite()), Some(rustls::CipherSuite::TLS13_AES_128_GCM_SHA256));
+    }
+
+    /// The TLS ceiling of one connection on this machine, crypto and record handling only (no
+    /// socket): 1 MiB frames encrypted by the client and decrypted by the server, one thread.
+    /// `cargo test --release -p homefs-shared --lib tls_pipe_ceiling -- --ignored --nocapture`
+    #[test]
+    #[ignore = "a measurement, not a check"]
+    fn tls_pipe_ceiling() {
+        use std::io::{Read as _, Write as _};
+        let (mut c, mut s) = pair();
+        c.set_buffer_limit(None);
+        let frame = vec![0x5au8; 1 << 20];
+        let mut back = vec![0u8; 1 << 20];
+        let frames = 512;
+        let start = std::time::Instant::now();
+        let mut wire = Vec::new();
+        for _ in 0..frames {
+            c.writer().write_all(&frame).expect("plaintext in");
+            wire.clear();
+            while c.wants_write() {
+                c.write_tls(&mut wire).expect("client writes");
+            }
+            // The server holds at most 16 KiB of received plaintext: take it out as it comes.
+            let (mut rd, mut got) = (&wire[..], 0);
+            while !rd.is_empty() {
+                s.read_tls(&mut rd).expect("server reads");
+                s.process_new_packets().expect("server accepts");
+                while let Ok(n @ 1..) = s.reader().read(&mut back[got..]) {
+                    got += n;
+                }
+            }
+            assert_eq!(got, frame.len(), "the whole frame arrived");
+        }
+        let secs = start.elapsed().as_secs_f64();
+        println!(
+            "TLS 1.3 {:?}: {:.0} MB/s (encrypt + decrypt, one thread)",
+            c.negotiated_cipher_suite().map(|cs| cs.suite()),
+            frames as f64 * 1048576.0 / secs / 1e6
+        );
+    }
 }

@@ -12,7 +12,7 @@ use homefs_shared::frame::{encode_prefix, FrameCodec};
 use homefs_shared::{
     Attr, DirEntry, ErrorCode, Fh, FileKind, Frame, FrameError, LockKind, LockSpec, OpenFlags, RenameFlags, Request,
     RequestHeader, RequestId, Response, ResponseHeader, SetAttr, SetTime, StatFs, Timestamp, Token, WireError,
-    WirePath, MAX_DATA_BYTES, MAX_FRAME_BYTES,
+    WirePath, MAX_DATA_BYTES, MAX_FRAME_BYTES, NOTICE_ID,
 };
 use proptest::collection::vec;
 use proptest::prelude::*;
@@ -158,6 +158,12 @@ fn request() -> impl Strategy<Value = Request> {
         (fh(), lock_spec(), any::<bool>()).prop_map(|(fh, lock, wait)| Request::Lock { fh, lock, wait }),
         (fh(), lock_spec()).prop_map(|(fh, lock)| Request::TestLock { fh, lock }),
         Just(Request::Ping),
+        (fh(), any::<u64>()).prop_map(|(fh, offset)| Request::WriteAttr { fh, offset }),
+        Just(Request::Subscribe),
+        (wire_path(), any::<u32>(), proptest::option::of(timestamp()), any::<bool>())
+            .prop_map(|(path, mode, mtime, exclusive)| Request::PutFile { path, mode, mtime, exclusive }),
+        (wire_path(), any::<u32>()).prop_map(|(path, max_len)| Request::GetFile { path, max_len }),
+        Just(Request::SyncFs),
     ]
 }
 
@@ -188,6 +194,10 @@ fn response() -> impl Strategy<Value = Response> {
         (any::<[u8; 32]>(), any::<u64>(), any::<u64>(), timestamp())
             .prop_map(|(hash, len, size, mtime)| Response::Checksum { hash, len, size, mtime }),
         proptest::option::of(lock_spec()).prop_map(Response::LockTest),
+        (any::<u32>(), attr()).prop_map(|(len, attr)| Response::WrittenAttr { len, attr }),
+        (vec(wire_path(), 0..8), any::<bool>()).prop_map(|(paths, all)| Response::Changed { paths, all }),
+        (any::<[u8; 32]>(), attr()).prop_map(|(hash, attr)| Response::Stored { hash, attr }),
+        (attr(), any::<[u8; 32]>()).prop_map(|(attr, hash)| Response::FileData { attr, hash }),
     ]
 }
 
@@ -480,6 +490,21 @@ fn protocol_md_response_examples() {
     assert_eq!(hex(&response_frame(&err, &[])), "00 00 00 11 00 00 00 0d 02 01 07 09 6e 65 65 64 73 20 32 20 42");
 }
 
+/// A change notice travels with the reserved id 0, which no request uses (clients count from 1).
+#[test]
+fn a_notice_has_the_reserved_id_and_round_trips() {
+    assert_eq!(NOTICE_ID, RequestId(0));
+    let notice = ResponseHeader {
+        id: NOTICE_ID,
+        result: Ok(Response::Changed { paths: vec![WirePath::new("a/b").expect("valid")], all: false }),
+    };
+    let frame = response_frame(&notice, &[]);
+    let mut codec = FrameCodec::new(MAX_FRAME_BYTES);
+    let mut buf = BytesMut::from(&frame[..]);
+    let decoded = codec.decode(&mut buf).expect("valid").expect("whole");
+    assert_eq!(decoded.response().expect("a response"), notice);
+}
+
 #[test]
 fn protocol_md_stat_example() {
     let h = RequestHeader { id: RequestId(2), request: Request::Stat { path: WirePath::new("a/b").expect("valid") } };
@@ -509,6 +534,9 @@ fn protocol_md_lists_every_error_code() {
 fn protocol_md_variant_indices() {
     let doc = include_str!("../PROTOCOL.md");
     let p = || WirePath::new("x").expect("valid");
+    let t = Timestamp::default();
+    let some_attr =
+        || Attr { ino: 1, kind: FileKind::File, perm: 0, nlink: 1, size: 0, blocks: 0, atime: t, mtime: t, ctime: t };
     let requests = [
         (0, "Hello", Request::Hello { version: 1, client: String::new() }),
         (3, "Stat", Request::Stat { path: p() }),
@@ -518,6 +546,11 @@ fn protocol_md_variant_indices() {
         (18, "StatFs", Request::StatFs),
         (20, "Checksum", Request::Checksum { path: p(), start: 0, end: 0 }),
         (23, "Ping", Request::Ping),
+        (24, "WriteAttr", Request::WriteAttr { fh: Fh(0), offset: 0 }),
+        (25, "Subscribe", Request::Subscribe),
+        (26, "PutFile", Request::PutFile { path: p(), mode: 0, mtime: None, exclusive: false }),
+        (27, "GetFile", Request::GetFile { path: p(), max_len: 0 }),
+        (28, "SyncFs", Request::SyncFs),
     ];
     for (index, name, request) in requests {
         let enc = postcard::to_stdvec(&RequestHeader { id: RequestId(0), request }).expect("encodes");
@@ -530,6 +563,10 @@ fn protocol_md_variant_indices() {
         (5, "Data", Response::Data { size: 0 }),
         (7, "Done", Response::Done),
         (12, "LockTest", Response::LockTest(None)),
+        (13, "WrittenAttr", Response::WrittenAttr { len: 0, attr: some_attr() }),
+        (14, "Changed", Response::Changed { paths: vec![p()], all: false }),
+        (15, "Stored", Response::Stored { hash: [0; 32], attr: some_attr() }),
+        (16, "FileData", Response::FileData { attr: some_attr(), hash: [0; 32] }),
     ];
     for (index, name, response) in responses {
         let enc = postcard::to_stdvec(&ResponseHeader { id: RequestId(0), result: Ok(response) }).expect("encodes");

@@ -158,15 +158,7 @@ impl TestMount {
     /// # Panics
     /// When the script fails, with its stderr.
     pub fn sh_ok(&self, script: &str) -> String {
-        let out = self.sh(script);
-        assert!(
-            out.status.success(),
-            "`{script}` failed ({}):\nstdout: {}\nstderr: {}",
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        stdout_of_success(script, self.sh(script))
     }
 
     /// Unmounts with `fusermount3 -u`, waiting (bounded) until the kernel no longer lists it.
@@ -253,4 +245,163 @@ pub fn daemon_pid(mountpoint: &Path) -> u32 {
     }
     assert_eq!(pids.len(), 1, "one netmount daemon for {}: {pids:?}", mountpoint.display());
     pids[0]
+}
+
+/// A mount served by `netmount -f` in the foreground, its log kept in a file, so a test can read
+/// the round trips it cost: [`LoggedMount::counts`] asks the daemon (SIGUSR1) for its counts so far.
+pub struct LoggedMount {
+    /// The mountpoint.
+    pub path: PathBuf,
+    child: std::process::Child,
+    log: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+/// Round trips by request kind (`stat`, `readdir`, ...), as the client counts them.
+pub type Counts = std::collections::HashMap<String, u64>;
+
+impl LoggedMount {
+    /// Mounts `user`'s home with `options` given to `-o` (none if empty), in the foreground.
+    ///
+    /// # Panics
+    /// When netmount exits or the mount does not appear within [`MOUNT_TIMEOUT`].
+    pub fn new(server: &TestServer, user: &str, password: &str, options: &str) -> LoggedMount {
+        let dir = tempfile::Builder::new().prefix(&format!("homefs-lmnt-{user}-")).tempdir().expect("temp dir");
+        let path = dir.path().join("mnt");
+        std::fs::create_dir(&path).expect("create mountpoint");
+        let log = dir.path().join("netmount.log");
+        let mut extra = vec!["-f"];
+        if !options.is_empty() {
+            extra.extend(["-o", options]);
+        }
+        let mut cmd = netmount_command(server, user, password, &path, &extra);
+        cmd.env("RUST_LOG", "homefs_mount=info,netmount=info,warn").env("NO_COLOR", "1");
+        let stderr = std::fs::File::create(&log).expect("create the log");
+        let mut child =
+            cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(stderr).spawn().expect("start netmount -f");
+        let deadline = Instant::now() + MOUNT_TIMEOUT;
+        // Mounted, and change notices subscribed to (or refused): logged after the mount.
+        let ready = |log: &Path| {
+            let text = std::fs::read_to_string(log).unwrap_or_default();
+            text.contains("change notices on") || text.contains("sends no change notices")
+        };
+        while !(is_mounted(&path) && ready(&log)) {
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!("netmount -f exited ({status}): {}", std::fs::read_to_string(&log).unwrap_or_default());
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("netmount -f did not mount within {MOUNT_TIMEOUT:?}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        LoggedMount { path, child, log, _dir: dir }
+    }
+
+    /// A path inside the mount.
+    pub fn join(&self, rel: &str) -> PathBuf {
+        self.path.join(rel)
+    }
+
+    /// The daemon's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Whether the server sends change notices to this mount.
+    pub fn notices_on(&self) -> bool {
+        self.log().contains("change notices on")
+    }
+
+    /// Runs `script` with `sh -c` in the mount's root and returns stdout.
+    ///
+    /// # Panics
+    /// When the script fails, with its stderr.
+    pub fn sh_ok(&self, script: &str) -> String {
+        let mut cmd = Command::new("sh");
+        cmd.arg("-c").arg(script).current_dir(&self.path);
+        stdout_of_success(script, output_within(cmd, SHELL_TIMEOUT, script))
+    }
+
+    /// The round trips so far, by kind: the daemon logs them on SIGUSR1.
+    ///
+    /// # Panics
+    /// When the daemon does not log them within 10 s.
+    pub fn counts(&self) -> Counts {
+        let before = self.log().matches("counts so far").count();
+        let mut kill = Command::new("kill");
+        kill.args(["-USR1", &self.child.id().to_string()]);
+        let out = output_within(kill, Duration::from_secs(10), "kill -USR1 netmount");
+        assert!(out.status.success(), "kill -USR1: {}", String::from_utf8_lossy(&out.stderr));
+        let mut line = String::new();
+        wait_until(Duration::from_secs(10), "netmount to log its counts after SIGUSR1", || {
+            let log = self.log();
+            match log.lines().filter(|l| l.contains("counts so far")).nth(before) {
+                Some(l) => {
+                    line = l.to_string();
+                    true
+                }
+                None => false,
+            }
+        });
+        parse_counts(&line)
+    }
+}
+
+/// The `requests=` field of a "counts so far" log line: `kind=n` pairs up to the next field.
+fn parse_counts(line: &str) -> Counts {
+    let Some(start) = line.find("requests=") else { return Counts::new() };
+    let rest = &line[start + "requests=".len()..];
+    let end = rest.find(" hits=").unwrap_or(rest.len());
+    rest[..end]
+        .split_whitespace()
+        .filter_map(|kv| {
+            let (k, n) = kv.split_once('=')?;
+            Some((k.to_string(), n.parse().ok()?))
+        })
+        .collect()
+}
+
+/// `after - before` for one kind.
+pub fn delta(before: &Counts, after: &Counts, kind: &str) -> u64 {
+    after.get(kind).copied().unwrap_or(0) - before.get(kind).copied().unwrap_or(0)
+}
+
+impl Drop for LoggedMount {
+    fn drop(&mut self) {
+        if is_mounted(&self.path) {
+            let _ = mountpoint::unmount(&self.path, false).or_else(|_| mountpoint::unmount(&self.path, true));
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match self.child.try_wait() {
+                Ok(Some(_)) => break,
+                Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
+                _ => {
+                    let _ = self.child.kill();
+                    let _ = self.child.wait();
+                    break;
+                }
+            }
+        }
+        if !std::thread::panicking() {
+            wait_until(Duration::from_secs(10), "the logged mount to go", || !is_mounted(&self.path));
+        }
+    }
+}
+
+/// `out`'s stdout.
+///
+/// # Panics
+/// When `script` failed, with its stdout and stderr.
+fn stdout_of_success(script: &str, out: std::process::Output) -> String {
+    assert!(
+        out.status.success(),
+        "`{script}` failed ({}):\nstdout: {}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }

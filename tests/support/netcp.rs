@@ -104,6 +104,18 @@ impl Netcp {
         run_bounded(c, Duration::from_secs(300))
     }
 
+    /// As [`Netcp::run`], with netcp's debug log on stderr (`NETCP_LOG=netcp=debug`): its last
+    /// line names the requests sent, by kind (the run's round trips).
+    pub fn run_logged<I, S>(&self, args: I) -> Run
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        let mut c = self.command();
+        c.env("NETCP_LOG", "netcp=debug").args(args);
+        run_bounded(c, Duration::from_secs(300))
+    }
+
     /// Starts `netcp ARGS...` without waiting (to be killed part-way).
     pub fn spawn<I, S>(&self, args: I) -> Child
     where

@@ -14,6 +14,7 @@ use std::ffi::OsStr;
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use homefs_shared::{ErrorCode, WirePath};
@@ -27,6 +28,10 @@ const RESOLVE: ResolveFlags = ResolveFlags::IN_ROOT.union(ResolveFlags::NO_MAGIC
 /// can then no longer prove the walk stayed inside; the lookup is safe to repeat. cap-std retries
 /// the same way; a handful of tries covers a busy system, and past that the error reaches the client.
 const EAGAIN_RETRIES: usize = 8;
+
+/// Set once the kernel refused `RESOLVE_CACHED` (before Linux 5.12): [`Jail::open_cached`] then
+/// declines at once instead of making a syscall that fails every time.
+static NO_RESOLVE_CACHED: AtomicBool = AtomicBool::new(false);
 
 /// A user's home as a directory capability. Cloning is cheap (one `Arc`).
 #[derive(Clone, Debug)]
@@ -75,6 +80,29 @@ impl Jail {
     pub fn open(&self, path: &WirePath, flags: OFlags, mode: Mode) -> io::Result<OwnedFd> {
         check(path)?;
         self.open_raw(path.as_bytes(), flags, mode)
+    }
+
+    /// Opens `path` as [`Jail::open`] does, but only if every step of the lookup is in the
+    /// kernel's cache (`RESOLVE_CACHED`, Linux 5.12): it never waits for the disk, so it may run on
+    /// the runtime's threads. `None` when it would have to wait, or on any error (the caller then
+    /// takes the usual way, which reports the error properly). Only for flags that cannot change
+    /// anything (`O_PATH`, no `O_CREAT`/`O_TRUNC`): the kernel refuses the rest.
+    pub fn open_cached(&self, path: &WirePath, flags: OFlags) -> Option<OwnedFd> {
+        if NO_RESOLVE_CACHED.load(Ordering::Relaxed) {
+            return None;
+        }
+        path.check().ok()?;
+        let how = RESOLVE.union(ResolveFlags::CACHED);
+        let name = OsStr::from_bytes(path.as_bytes());
+        match rustix::fs::openat2(self.dir(), name, flags | OFlags::CLOEXEC, Mode::empty(), how) {
+            Ok(fd) => Some(fd),
+            // A kernel before 5.12 does not know RESOLVE_CACHED: stop asking it.
+            Err(Errno::INVAL) => {
+                NO_RESOLVE_CACHED.store(true, Ordering::Relaxed);
+                None
+            }
+            Err(_) => None,
+        }
     }
 
     /// The directory holding the last name of `path` (opened `O_PATH`, for `*at` calls with

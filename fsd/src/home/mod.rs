@@ -4,9 +4,11 @@
 //! OWNED BY: the fsd-ops work (home/, ops/). The session layer uses only what is declared here.
 
 pub mod jail;
+pub mod notices;
 pub mod quota;
 
 pub use jail::Jail;
+pub use notices::{NoticeHub, Subscription};
 pub use quota::{LocalLedger, QuotaError, QuotaLedger, Reservation};
 
 use rustix::fs::{AtFlags, Dir, FileType, Mode, OFlags, ResolveFlags};
@@ -28,6 +30,8 @@ pub struct UserHome {
     pub jail: Jail,
     /// Usage against the quota, shared by every session of the user.
     pub quota: Arc<dyn QuotaLedger>,
+    /// Change notices between the user's sessions (never across users: one hub per home).
+    pub notices: Arc<NoticeHub>,
 }
 
 /// A home being opened or open: concurrent first logins of one user wait for one scan and share
@@ -117,7 +121,12 @@ fn open_home(root: &OwnedFd, user: &str, quota_bytes: u64) -> io::Result<UserHom
     };
     let used = scan_fd(&dir)?;
     tracing::debug!(user, used, quota_bytes, "home opened");
-    Ok(UserHome { user: user.to_owned(), jail: Jail::new(dir), quota: Arc::new(LocalLedger::new(quota_bytes, used)) })
+    Ok(UserHome {
+        user: user.to_owned(),
+        jail: Jail::new(dir),
+        quota: Arc::new(LocalLedger::new(quota_bytes, used)),
+        notices: Arc::new(NoticeHub::default()),
+    })
 }
 
 /// The apparent size of everything under `dir`, each inode counted once (as `du --apparent-size`),

@@ -4,8 +4,9 @@
 use bytes::{Bytes, BytesMut};
 use homefs_shared::{Attr, ErrorCode, OpenFlags, WirePath, MAX_DATA_BYTES};
 use rustix::fs::{Mode, OFlags};
-use rustix::io::Errno;
+use rustix::io::{Errno, IoSliceMut, ReadWriteFlags};
 use std::os::fd::{AsFd, BorrowedFd};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use super::handles::Handle;
@@ -52,7 +53,15 @@ pub fn open(
         truncate_fd(quota, fd.as_fd(), 0)?;
     }
     let st = rustix::fs::fstat(&fd)?;
-    let handle = Handle { fd, append: flags.append, file: (st.st_dev, st.st_ino) };
+    let file = (st.st_dev, st.st_ino);
+    let handle = Handle {
+        fd,
+        append: flags.append,
+        file,
+        path: path.clone(),
+        notice: Default::default(),
+        no_nowait: Default::default(),
+    };
     Ok((handle, attr_of(&st)))
 }
 
@@ -73,6 +82,41 @@ pub fn read(handle: &Handle, offset: u64, len: u32) -> Result<(Bytes, u64), OpEr
     buf.truncate(done);
     let size = size_of(&rustix::fs::fstat(&handle.fd)?);
     Ok((buf.freeze(), size))
+}
+
+/// Reads of at most this many bytes may be answered on the session's own task when the data is
+/// in the page cache ([`read_cached`]): small reads are where a hop to the blocking pool costs
+/// most relative to the work; a large read's copy is better done off the runtime's threads.
+pub const CACHED_READ_MAX: u32 = 64 << 10;
+
+/// Read, without blocking: the bytes at `offset` if every one of them is in the page cache
+/// (`preadv2` with `RWF_NOWAIT`), with the file's size after the read; `None` when the read would
+/// wait for the disk (or the file system does not say), and the caller should use [`read`] on the
+/// blocking pool instead. Errors are not reported here: [`read`] reports them.
+pub fn read_cached(handle: &Handle, offset: u64, len: u32) -> Option<(Bytes, u64)> {
+    if len > CACHED_READ_MAX || handle.no_nowait.load(Ordering::Relaxed) {
+        return None;
+    }
+    let want = len as usize;
+    let mut buf = BytesMut::zeroed(want);
+    let done = match rustix::io::preadv2(&handle.fd, &mut [IoSliceMut::new(&mut buf)], offset, ReadWriteFlags::NOWAIT) {
+        Ok(n) => n,
+        Err(Errno::AGAIN) => return None,
+        Err(Errno::OPNOTSUPP | Errno::INVAL | Errno::NOSYS) => {
+            // This file (its file system, or the kernel) cannot tell: never ask again for it.
+            handle.no_nowait.store(true, Ordering::Relaxed);
+            return None;
+        }
+        Err(_) => return None,
+    };
+    // fstat of an open file reads its in-memory inode: it does not wait for the disk.
+    let size = size_of(&rustix::fs::fstat(&handle.fd).ok()?);
+    // A short read is the end of the file, or only part of the range was cached.
+    if done < want && offset.saturating_add(done as u64) < size {
+        return None;
+    }
+    buf.truncate(done);
+    Some((buf.freeze(), size))
 }
 
 /// Write: all of `data` at `offset` (at the end for an `append` handle), quota-checked before
@@ -128,4 +172,36 @@ pub fn fsync(handle: &Handle, datasync: bool) -> Result<(), OpError> {
         rustix::fs::fsync(&handle.fd)?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::home::LocalLedger;
+
+    #[test]
+    fn cached_reads_agree_with_reads_or_decline() {
+        let tmp = tempfile::tempdir().expect("temp dir");
+        let data: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
+        std::fs::write(tmp.path().join("f"), &data).expect("write");
+        let dir = rustix::fs::open(tmp.path(), OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())
+            .expect("dir");
+        let jail = Jail::new(dir);
+        let quota: Arc<dyn QuotaLedger> = Arc::new(LocalLedger::new(u64::MAX, 0));
+        let path = WirePath::new("f").expect("valid");
+        let flags = OpenFlags { read: true, ..OpenFlags::default() };
+        let (h, _) = open(&jail, &quota, &path, flags, 0).expect("open");
+        // Just written: in the page cache, so the fast path answers (unless the file system
+        // cannot tell, which the handle then remembers).
+        let mut answered = 0;
+        for (offset, len) in [(0, 4096), (4093, 4096), (99_000, 4096), (100_000, 4096), (200_000, 10), (0, 0)] {
+            let (slow, slow_size) = read(&h, offset, len).expect("read");
+            if let Some((fast, fast_size)) = read_cached(&h, offset, len) {
+                answered += 1;
+                assert_eq!((fast, fast_size), (slow, slow_size), "at {offset} len {len}");
+            }
+        }
+        assert!(answered == 6 || h.no_nowait.load(Ordering::Relaxed), "a cached file is read without a hop");
+        assert_eq!(read_cached(&h, 0, CACHED_READ_MAX + 1), None, "large reads go to the blocking pool");
+    }
 }

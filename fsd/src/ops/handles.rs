@@ -1,11 +1,12 @@
 //! The open files of one session: a bounded table from [`Fh`] to the server's fd. Handle numbers
 //! are never reused within a session, so a stale handle can never reach another file.
 
-use homefs_shared::{ErrorCode, Fh};
+use homefs_shared::{ErrorCode, Fh, WirePath};
 use std::collections::HashMap;
 use std::os::fd::OwnedFd;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
 
 use super::lock::FileId;
 
@@ -22,6 +23,53 @@ pub struct Handle {
     pub append: bool,
     /// `(st_dev, st_ino)`: the key of the file's locks.
     pub file: FileId,
+    /// The path it was opened with: what change notices name for its writes (a later rename is
+    /// not followed; notices are hints).
+    pub path: WirePath,
+    /// When its writes were last announced.
+    pub notice: WriteNotice,
+    /// `preadv2(RWF_NOWAIT)` is refused on this file: reads always go to the blocking pool.
+    pub no_nowait: AtomicBool,
+}
+
+/// How often a handle that keeps being written is announced: a write-heavy session publishes its
+/// file's path once per burst of this length, not once per 1 MiB write; its Close (or Fsync)
+/// announces the final state.
+pub const WRITE_NOTICE_INTERVAL: Duration = Duration::from_millis(100);
+
+/// The change-notice state of one handle.
+#[derive(Debug, Default)]
+pub struct WriteNotice {
+    /// Written since the last announcement (set on every write, announced or not, so that the
+    /// Close of a written file is always announced).
+    dirty: AtomicBool,
+    /// When a write was last announced; guards nothing else.
+    last: Mutex<Option<Instant>>,
+}
+
+impl WriteNotice {
+    /// Records a write (one relaxed store).
+    pub fn written(&self) {
+        self.dirty.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether a write now should be announced: the first of a burst, or the first after
+    /// [`WRITE_NOTICE_INTERVAL`]. Records the announcement.
+    pub fn is_due(&self, now: Instant) -> bool {
+        let mut last = self.last.lock().unwrap_or_else(PoisonError::into_inner);
+        match *last {
+            Some(t) if now.saturating_duration_since(t) < WRITE_NOTICE_INTERVAL => false,
+            _ => {
+                *last = Some(now);
+                true
+            }
+        }
+    }
+
+    /// Whether the file was written since the last Close/Fsync announcement (and clears it).
+    pub fn take_dirty(&self) -> bool {
+        self.dirty.swap(false, Ordering::Relaxed)
+    }
 }
 
 /// The table of one session.

@@ -4,9 +4,10 @@
 //! OWNED BY: the fsd-ops work (home/, ops/). The session layer uses only what is declared here.
 
 use bytes::Bytes;
-use homefs_shared::{ErrorCode, Request, Response, WireError};
+use homefs_shared::{ErrorCode, Fh, Request, Response, WireError, WirePath};
 use std::io;
 use std::sync::Arc;
+use std::time::Instant;
 
 use crate::home::UserHome;
 
@@ -20,6 +21,7 @@ pub mod link;
 pub mod lock;
 pub mod meta;
 pub mod sizing;
+pub mod whole;
 
 pub use error::OpError;
 pub use lock::LockTable;
@@ -55,6 +57,26 @@ impl AuthedSession {
         &self.home
     }
 
+    /// Answers a small `Read` at once, on the caller's task, when its bytes are in the page cache
+    /// (no hop to the blocking pool); `None` when it must go through [`AuthedSession::handle`]
+    /// (not cached, a large read, an unknown handle: `handle` gives the proper answer).
+    pub fn read_cached(&self, fh: Fh, offset: u64, len: u32) -> Option<(Response, Bytes)> {
+        let h = self.handles.get(fh).ok()?;
+        let (bytes, size) = file::read_cached(&h, offset, len)?;
+        Some((Response::Data { size }, bytes))
+    }
+
+    /// Answers a `Stat` at once, on the caller's task, when the whole lookup is in the kernel's
+    /// cache; `None` when it must go through [`AuthedSession::handle`].
+    pub fn stat_cached(&self, path: &WirePath) -> Option<Response> {
+        meta::stat_cached(&self.home.jail, path).map(Response::Attr)
+    }
+
+    /// Unique per connection: the session's id in lock owners and change notices.
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
     /// How many files this session holds open.
     pub fn open_files(&self) -> usize {
         self.handles.len()
@@ -68,7 +90,13 @@ impl AuthedSession {
     /// A [`WireError`] whose code is the errno the client should see.
     pub async fn handle(&self, request: Request, data: Bytes) -> Result<(Response, Bytes), WireError> {
         tracing::debug!(session = self.id, ?request, data = data.len(), "request");
+        // What the request changes, for the user's other subscribed sessions: decided before the
+        // request is consumed, published once it succeeded; nothing is built when nobody listens.
+        let changed = if self.home.notices.is_watched() { self.changed_paths(&request) } else { Vec::new() };
         let result = self.dispatch(request, data).await;
+        if result.is_ok() {
+            self.home.notices.publish(self.id, &changed);
+        }
         if let Err(e) = &result {
             match e.code() {
                 // Trouble on the server's side (the disk, the file system) is worth an operator's
@@ -80,6 +108,33 @@ impl AuthedSession {
             }
         }
         result.map_err(WireError::from)
+    }
+
+    /// The paths `request` changes when it succeeds (PROTOCOL.md, "Change notices"): entries made,
+    /// removed or renamed, files created, truncated or with attributes set, and the path of a
+    /// handle whose content is written (once per [`handles::WRITE_NOTICE_INTERVAL`] of a burst,
+    /// and at its Fsync or Close).
+    fn changed_paths(&self, request: &Request) -> Vec<WirePath> {
+        let handle_path = |fh: Fh, due: &dyn Fn(&handles::Handle) -> bool| {
+            self.handles.get(fh).ok().filter(|h| due(h)).map(|h| h.path.clone()).into_iter().collect()
+        };
+        let burst = |h: &handles::Handle| h.notice.is_due(Instant::now());
+        let dirty = |h: &handles::Handle| h.notice.take_dirty();
+        match request {
+            Request::Mkdir { path, .. }
+            | Request::Rmdir { path }
+            | Request::Unlink { path }
+            | Request::Symlink { path, .. }
+            | Request::SetAttr { path, .. }
+            | Request::PutFile { path, .. } => vec![path.clone()],
+            Request::Open { path, flags, .. } if flags.create || flags.truncate => vec![path.clone()],
+            Request::Rename { from, to, .. } => vec![from.clone(), to.clone()],
+            Request::Link { to, .. } => vec![to.clone()],
+            Request::Write { fh, .. } | Request::WriteAttr { fh, .. } => handle_path(*fh, &burst),
+            Request::CopyRange { dst, .. } => handle_path(*dst, &burst),
+            Request::Fsync { fh, .. } | Request::Close { fh } => handle_path(*fh, &dirty),
+            _ => Vec::new(),
+        }
     }
 
     async fn dispatch(&self, request: Request, data: Bytes) -> Result<(Response, Bytes), OpError> {
@@ -128,12 +183,14 @@ impl AuthedSession {
             }
             Request::Write { fh, offset } => {
                 let h = self.handles.get(fh)?;
+                h.notice.written();
                 let len = u32::try_from(data.len()).map_err(|_| ErrorCode::TooBig)?;
                 let size = jail.run(move |_| file::write(&quota, &h, offset, &data)).await?;
                 Response::Written { len, size }
             }
             Request::WriteAttr { fh, offset } => {
                 let h = self.handles.get(fh)?;
+                h.notice.written();
                 let len = u32::try_from(data.len()).map_err(|_| ErrorCode::TooBig)?;
                 let attr = jail.run(move |_| file::write_attr(&quota, &h, offset, &data)).await?;
                 Response::WrittenAttr { len, attr }
@@ -161,6 +218,7 @@ impl AuthedSession {
             Request::StatFs => Response::StatFs(jail.run(move |j| meta::stat_fs(j, &quota)).await?),
             Request::CopyRange { src, src_offset, dst, dst_offset, len } => {
                 let (src, dst) = (self.handles.get(src)?, self.handles.get(dst)?);
+                dst.notice.written();
                 let len = jail.run(move |_| copy::copy_range(&quota, &src, src_offset, &dst, dst_offset, len)).await?;
                 Response::Copied { len }
             }
@@ -178,8 +236,18 @@ impl AuthedSession {
             }
             // Handled by the session layer (it owns the connection's notice stream).
             Request::Subscribe => return Err(ErrorCode::Protocol.into()),
-            Request::PutFile { .. } | Request::GetFile { .. } | Request::SyncFs => {
-                return Err(ErrorCode::NotSupported.into());
+            Request::PutFile { path, mode, mtime, exclusive } => {
+                let (hash, attr) =
+                    jail.run(move |j| whole::put_file(j, &quota, &path, mode, mtime, exclusive, &data)).await?;
+                Response::Stored { hash, attr }
+            }
+            Request::GetFile { path, max_len } => {
+                let (attr, hash, bytes) = jail.run(move |j| whole::get_file(j, &path, max_len)).await?;
+                return Ok((Response::FileData { attr, hash }, bytes));
+            }
+            Request::SyncFs => {
+                jail.run(whole::sync_fs).await?;
+                Response::Done
             }
         };
         Ok((answer, Bytes::new()))

@@ -38,6 +38,11 @@ Transfers are verified (BLAKE3 of the whole file on both ends; a mismatch is ret
 written under a temporary name (.NAME.TAG.homefs-part) renamed into place once verified. Running
 the same command again after an interruption continues from what is there, after checking it on
 both sides; a source that changed starts over. --no-resume always copies everything.
+Files up to 1 MiB go in one request each (stored under a temporary name and renamed by the server).
+
+Durability: files are not synced one by one. netcp exits 0 only after everything it copied is on
+disk: after a put, the server syncs the home's file system once (SyncFs); after a get, netcp
+syncs each local file system it wrote to once (syncfs). A failed sync counts as a failed file.
 
 Exit status:
   0  everything copied and verified
@@ -201,6 +206,8 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
     };
     let mut progress = Progress::new(Output::detect(cli.common.quiet));
     let report = runtime.block_on(tree::run(&client, direction, opts, &mut progress));
+    // The run's profile in round trips (NETCP_LOG=netcp=debug).
+    tracing::debug!(requests = ?client.request_counts(), "requests sent");
     Ok(if report.unverified > 0 {
         status::UNVERIFIED
     } else if report.disconnected || (report.failed > 0 && !client.is_connected()) {

@@ -5,11 +5,13 @@ use anyhow::Context as _;
 use clap::Parser;
 use homefs_mount::client::login_args::LoginArgs;
 use homefs_mount::client::{Client, ServerAddr};
+use homefs_mount::fuse::ops::Remote;
 use homefs_mount::fuse::options::MountOptions;
 use homefs_mount::fuse::session::{self, MountSpec};
-use homefs_mount::fuse::{daemon, mountpoint};
+use homefs_mount::fuse::{daemon, mountpoint, notices};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 const EXIT_CODES: &str = "\
@@ -107,9 +109,14 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         // ConnectError's message already names its cause; `{:#}` would repeat it.
         .map_err(|e| anyhow::anyhow!("cannot log in to {}: {e}", addr.host_port()))?;
     let remote = rt.block_on(session::prepare(client, &options))?;
+    let notified_ttl = if options.cache_ttl_given { options.cache_ttl } else { notices::NOTIFIED_CACHE_TTL };
     let spec = MountSpec { mountpoint: abs.clone(), fsname, options };
-    let mounted = session::mount(remote, rt.handle().clone(), &spec)?;
+    let mounted = session::mount(remote.clone(), rt.handle().clone(), &spec)?;
+    // Before going to the background: once netmount returns, other mounts' changes are seen.
+    let stats = Arc::new(notices::NoticeStats::default());
+    rt.block_on(notices::start(&remote, notified_ttl, stats.clone()));
     rt.spawn(unmount_on_signal(abs.clone()));
+    rt.spawn(log_counts_on_signal(remote, stats));
     if cli.daemon_child {
         daemon::ready_and_detach(cli.debug).context("cannot go to the background")?;
     }
@@ -141,6 +148,29 @@ async fn unmount_on_signal(path: PathBuf) {
         Ok(Ok(())) => {}
         Ok(Err(e)) => tracing::error!(error = %e, "unmount on signal failed"),
         Err(e) => tracing::error!(error = %e, "unmount task failed"),
+    }
+}
+
+/// SIGUSR1: logs the round trips so far by kind, the requests answered from the cache and the
+/// change notices applied (`--debug` or `RUST_LOG` shows them; the profile of a running mount).
+async fn log_counts_on_signal(remote: Arc<Remote>, stats: Arc<notices::NoticeStats>) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut usr1 = match signal(SignalKind::user_defined1()) {
+        Ok(s) => s,
+        Err(e) => return tracing::error!(error = %e, "cannot install the SIGUSR1 handler"),
+    };
+    while usr1.recv().await.is_some() {
+        let requests = remote.client.request_counts();
+        let requests = requests.iter().map(|(k, n)| format!("{k}={n}")).collect::<Vec<_>>().join(" ");
+        let (entries, listed) = remote.cache.size();
+        tracing::info!(
+            requests = %requests,
+            hits = %remote.hits.show(),
+            notices = %stats.show(),
+            entries,
+            listed,
+            "counts so far"
+        );
     }
 }
 

@@ -613,6 +613,56 @@ impl Client {
     }
 }
 
+impl Client {
+    /// Stores `data` (at most [`MAX_DATA_BYTES`]) as the whole content of `path` in one request
+    /// (`PutFile`): written beside it under a temporary name, given `mode` and `mtime`, and renamed
+    /// into place (an existing file is replaced, unless `exclusive`). Not synced: see
+    /// [`Client::sync_fs`]. Returns the server's BLAKE3 of what it stored and the new attributes.
+    /// Not repeated after a lost connection (the caller decides; repeating is safe unless `exclusive`).
+    ///
+    /// # Errors
+    /// `TooBig` for more than [`MAX_DATA_BYTES`]; the server's error (`QuotaExceeded`, `Exists`...).
+    pub async fn put_file(
+        &self,
+        path: &WirePath,
+        mode: u32,
+        mtime: Option<Timestamp>,
+        exclusive: bool,
+        data: Bytes,
+    ) -> Result<([u8; 32], Attr), WireError> {
+        if data.len() > MAX_DATA_BYTES as usize {
+            return Err(WireError::new(ErrorCode::TooBig, "one put_file takes at most MAX_DATA_BYTES"));
+        }
+        match self.exec(Request::PutFile { path: path.clone(), mode, mtime, exclusive }, data).await?.0 {
+            Response::Stored { hash, attr } => Ok((hash, attr)),
+            _ => Err(unexpected("PutFile")),
+        }
+    }
+
+    /// Reads a whole file in one request (`GetFile`): its attributes, the first
+    /// `min(size, max_len)` bytes (none for what is not a regular file) and the server's BLAKE3 of
+    /// those bytes. Fewer bytes than `attr.size` means the rest must be read with `open`/`read`.
+    ///
+    /// # Errors
+    /// The server's error (`NotFound`, ...), or the connection's.
+    pub async fn get_file(&self, path: &WirePath, max_len: u32) -> Result<(Attr, [u8; 32], Bytes), WireError> {
+        let request = Request::GetFile { path: path.clone(), max_len: max_len.min(MAX_DATA_BYTES) };
+        match self.exec(request, Bytes::new()).await? {
+            (Response::FileData { attr, hash }, data, _) => Ok((attr, hash, data)),
+            _ => Err(unexpected("GetFile")),
+        }
+    }
+
+    /// `syncfs` of the file system holding the home (`SyncFs`): returns once everything written
+    /// before it (by any connection of this user) is on disk.
+    ///
+    /// # Errors
+    /// The server's error (`Io` when the disk failed), or the connection's.
+    pub async fn sync_fs(&self) -> Result<(), WireError> {
+        self.exec(Request::SyncFs, Bytes::new()).await.map(drop)
+    }
+}
+
 /// Closes a server handle no one needs, without making anyone wait for it.
 fn close_in_background(conn: &Arc<Conn>, server: Fh) {
     let conn = conn.clone();

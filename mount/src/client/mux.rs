@@ -2,9 +2,12 @@
 //! answers by id, and a supervisor that brings the connection back when it dies.
 //!
 //! - [`Conn`] is one TLS connection: a pending map of `oneshot`s keyed by request id (a std
-//!   `Mutex`, never held across an await), a writer task fed by a bounded channel that writes
-//!   through a `BufWriter` and flushes when the channel is empty, and a reader task that completes
-//!   the oneshots. When the connection dies, every waiter wakes at once (as sshfs's `clean_req`).
+//!   `Mutex`, never held across an await), the write half behind an async `Mutex`, and a reader
+//!   task that completes the oneshots. A request finding the writer idle and nothing queued
+//!   writes its frame itself (no hop to another task: what a lone request, e.g. a 4 KiB random
+//!   read, waits for); otherwise it queues on a bounded channel, and a writer task writes the
+//!   queue through the `BufWriter`, flushing when it is empty so that bursts share TLS records.
+//!   When the connection dies, every waiter wakes at once (as sshfs's `clean_req`).
 //! - [`Mux`] holds the current connection in a `watch` channel. Its supervisor task sends a
 //!   keepalive `Ping` when the connection has been idle, and after a loss reconnects with backoff
 //!   (100 ms doubling to 5 s) and logs in again with the session token, never the password.
@@ -95,6 +98,9 @@ pub(crate) struct Conn {
     pub epoch: u64,
     next_id: AtomicU64,
     tx: mpsc::Sender<(RequestHeader, Bytes)>,
+    /// The write half: the writer task holds it while it empties the queue; a request finding it
+    /// free (and the queue empty) writes its own frame.
+    writer: tokio::sync::Mutex<Writer>,
     /// Requests queued or sent and not yet answered; `None` once the connection is dead, so no
     /// request can be added after the waiters were woken.
     pending: Mutex<Option<HashMap<RequestId, oneshot::Sender<Reply>>>>,
@@ -120,13 +126,14 @@ impl Conn {
             epoch,
             next_id: AtomicU64::new(1),
             tx,
+            writer: tokio::sync::Mutex::new(t.writer),
             pending: Mutex::new(Some(HashMap::new())),
             last_frame: Mutex::new(Instant::now()),
             dead: parent.child_token(),
             notices,
         });
         tokio::spawn(read_loop(conn.clone(), t.reader));
-        tokio::spawn(write_loop(conn.clone(), rx, t.writer));
+        tokio::spawn(write_loop(conn.clone(), rx));
         conn
     }
 
@@ -150,9 +157,28 @@ impl Conn {
             Some(map) => map.insert(id, tx),
             None => return Err(SendError::NotSent),
         };
-        if self.tx.send((RequestHeader { id, request }, data)).await.is_err() {
-            self.forget(id);
-            return Err(SendError::NotSent);
+        let header = RequestHeader { id, request };
+        // The fast path: nothing queued and the writer idle, so this frame would be written next
+        // anyway; writing it here saves waking the writer task.
+        let direct = if self.tx.capacity() == WRITE_QUEUE { self.writer.try_lock().ok() } else { None };
+        match direct {
+            Some(mut writer) => {
+                if self.is_dead() {
+                    // Killed after the insert above (the pending map is gone): the frame must
+                    // not go out on a connection that callers already count as lost.
+                    return Err(SendError::NotSent);
+                }
+                if let Err(e) = self.write_now(&mut writer, &header, &data).await {
+                    tracing::warn!(epoch = self.epoch, error = %e, "write failed; dropping the connection");
+                    self.kill();
+                }
+            }
+            None => {
+                if self.tx.send((header, data)).await.is_err() {
+                    self.forget(id);
+                    return Err(SendError::NotSent);
+                }
+            }
         }
         match tokio::time::timeout(REPLY_TIMEOUT, rx).await {
             Ok(Ok(reply)) => Ok(reply),
@@ -162,6 +188,31 @@ impl Conn {
                 Err(SendError::TimedOut)
             }
         }
+    }
+
+    /// Writes and flushes one frame from the caller's task. A caller dropped in the middle (its
+    /// future cancelled) would leave half a frame on the stream: the guard kills the connection
+    /// then, so that no later frame is read as the rest of it.
+    async fn write_now(&self, writer: &mut Writer, header: &RequestHeader, data: &[u8]) -> std::io::Result<()> {
+        struct KillUnlessDone<'a>(&'a Conn, bool);
+        impl Drop for KillUnlessDone<'_> {
+            fn drop(&mut self) {
+                if !self.1 {
+                    self.0.kill();
+                }
+            }
+        }
+        let mut guard = KillUnlessDone(self, false);
+        let result = async {
+            with_timeout("write", WRITE_TIMEOUT, async {
+                write_frame(&mut *writer, header, data, MAX_FRAME_BYTES).await.map_err(frame_io)
+            })
+            .await?;
+            with_timeout("flush", WRITE_TIMEOUT, writer.flush()).await
+        }
+        .await;
+        guard.1 = true;
+        result
     }
 
     fn forget(&self, id: RequestId) {
@@ -219,7 +270,7 @@ async fn read_loop(conn: Arc<Conn>, mut reader: Reader) {
 }
 
 /// Writes queued frames, flushing only when the queue is empty so that bursts share TLS records.
-async fn write_loop(conn: Arc<Conn>, mut rx: mpsc::Receiver<(RequestHeader, Bytes)>, mut writer: Writer) {
+async fn write_loop(conn: Arc<Conn>, mut rx: mpsc::Receiver<(RequestHeader, Bytes)>) {
     let result: std::io::Result<()> = async {
         loop {
             let first = tokio::select! {
@@ -227,12 +278,17 @@ async fn write_loop(conn: Arc<Conn>, mut rx: mpsc::Receiver<(RequestHeader, Byte
                 m = rx.recv() => m,
             };
             let Some(mut next) = first else { return Ok(()) };
+            // A request writing its own frame holds the writer for one frame and a flush.
+            let mut writer = tokio::select! {
+                _ = conn.dead.cancelled() => return Ok(()),
+                w = conn.writer.lock() => w,
+            };
             loop {
                 let (header, data) = next;
                 // A per-write timeout bounds how long a stuck peer can hold us; one around the
                 // loop would bound the connection's whole life instead.
                 with_timeout("write", WRITE_TIMEOUT, async {
-                    write_frame(&mut writer, &header, &data, MAX_FRAME_BYTES).await.map_err(frame_io)
+                    write_frame(&mut *writer, &header, &data, MAX_FRAME_BYTES).await.map_err(frame_io)
                 })
                 .await?;
                 match rx.try_recv() {
@@ -358,7 +414,17 @@ impl Mux {
         *lock(&self.notices.to) = Some(to);
         self.subscribed.store(true, Ordering::SeqCst);
         let conn = self.conn(Instant::now() + wait, wait).await?;
-        subscribe_on(&conn).await
+        match subscribe_on(&conn).await {
+            Ok(()) => Ok(()),
+            // Refused: never ask again (a reconnect would only be refused again).
+            Err(Ok(refused)) => {
+                self.subscribed.store(false, Ordering::SeqCst);
+                *lock(&self.notices.to) = None;
+                Err(refused)
+            }
+            // The connection failed; the supervisor subscribes again on the next one.
+            Err(Err(e)) => Err(WireError::new(ErrorCode::Io, format!("subscribe: connection {e:?}"))),
+        }
     }
 
     /// Sets how long the connection may be idle before a keepalive `Ping` (at least 100 ms).
@@ -395,11 +461,13 @@ impl Mux {
 }
 
 /// Sends `Subscribe` on `conn` and waits (bounded by the reply timeout) for its answer.
-async fn subscribe_on(conn: &Conn) -> Result<(), WireError> {
+/// `Err(Ok(e))`: the server refused (it does not know `Subscribe`); `Err(Err(_))`: the connection
+/// failed first.
+async fn subscribe_on(conn: &Conn) -> Result<(), Result<WireError, SendError>> {
     match conn.request(Request::Subscribe, Bytes::new()).await {
         Ok((Ok(_), _)) => Ok(()),
-        Ok((Err(e), _)) => Err(e),
-        Err(e) => Err(WireError::new(ErrorCode::Io, format!("subscribe: {e:?}"))),
+        Ok((Err(e), _)) => Err(Ok(e)),
+        Err(e) => Err(Err(e)),
     }
 }
 
@@ -425,15 +493,24 @@ async fn supervise(mux: Arc<Mux>, mut conn: Arc<Conn>) {
                     *lock(&mux.token) = fresh;
                     conn = Conn::spawn(transport, conn.epoch + 1, &mux.shutdown, mux.notices.clone());
                     if mux.subscribed.load(Ordering::SeqCst) {
-                        if let Err(e) = subscribe_on(&conn).await {
-                            tracing::warn!(error = %e, "subscribing to change notices failed; reconnecting");
-                            conn.kill();
-                            tokio::select! {
-                                _ = mux.shutdown.cancelled() => return,
-                                _ = tokio::time::sleep(delay) => {}
+                        match subscribe_on(&conn).await {
+                            Ok(()) => {}
+                            Err(Ok(refused)) => {
+                                // A server without notices (replaced by an older one): stop asking;
+                                // the cache falls back to its TTL after dropping everything below.
+                                tracing::warn!(error = %refused, "the server no longer sends change notices");
+                                mux.subscribed.store(false, Ordering::SeqCst);
                             }
-                            delay = (delay * 2).min(BACKOFF_MAX);
-                            continue;
+                            Err(Err(e)) => {
+                                tracing::warn!(error = ?e, "subscribing to change notices failed; reconnecting");
+                                conn.kill();
+                                tokio::select! {
+                                    _ = mux.shutdown.cancelled() => return,
+                                    _ = tokio::time::sleep(delay) => {}
+                                }
+                                delay = (delay * 2).min(BACKOFF_MAX);
+                                continue;
+                            }
                         }
                         mux.notices.deliver(Notice::Reconnected);
                     }

@@ -250,8 +250,10 @@ mod tests {
     #[test]
     fn fallback_prefix_lies_chunks_behind() {
         let chunk = u64::from(CHUNK_BYTES);
+        let behind = IN_FLIGHT as u64;
         assert_eq!(fallback_prefix(5 * chunk), 0);
-        assert_eq!(fallback_prefix(20 * chunk + 7), 12 * chunk);
-        assert_eq!(fallback_prefix(20 * chunk), 12 * chunk);
+        assert_eq!(fallback_prefix(behind * chunk), 0);
+        assert_eq!(fallback_prefix((behind + 12) * chunk + 7), 12 * chunk);
+        assert_eq!(fallback_prefix((behind + 12) * chunk), 12 * chunk);
     }
 }

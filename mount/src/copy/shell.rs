@@ -257,7 +257,12 @@ impl Shell {
                     .map_err(|e| Failure::new("get", src.as_str(), e))?;
                 let progress = Progress::new(Output::detect(self.quiet));
                 let bar = progress.start(src, attr.size);
-                match handle.block_on(transfer::get(&self.client, &path, &local, self.opts, &bar)) {
+                let got =
+                    handle.block_on(transfer::get_sized(&self.client, &path, &local, self.opts, &bar, Some(attr.size)));
+                // Durable before the command reports success (one syncfs, not a per-file fsync).
+                let got =
+                    got.and_then(|o| transfer::sync_local([local.as_path()]).map(|()| o).map_err(CopyError::from));
+                match got {
                     Ok(outcome) => bar.finish(&outcome),
                     Err(e) => {
                         bar.fail();
@@ -283,7 +288,12 @@ impl Shell {
                 let size = std::fs::metadata(&local).map_err(|e| Failure::new("put", src.as_str(), e))?.len();
                 let progress = Progress::new(Output::detect(self.quiet));
                 let bar = progress.start(src, size);
-                match handle.block_on(transfer::put(&self.client, &local, &target, self.opts, &bar)) {
+                let put = handle.block_on(async {
+                    let outcome = transfer::put(&self.client, &local, &target, self.opts, &bar).await?;
+                    // Durable on the server before the command reports success.
+                    transfer::sync_remote(&self.client).await.map(|()| outcome)
+                });
+                match put {
                     Ok(outcome) => bar.finish(&outcome),
                     Err(e) => {
                         bar.fail();

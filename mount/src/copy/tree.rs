@@ -240,6 +240,8 @@ async fn execute_put(
     report: &mut Report,
 ) {
     set_total(&plan, progress);
+    // Directories and symlinks made count as copied too: the final sync covers them.
+    let any_steps = !plan.is_empty();
     let mut files = Vec::new();
     let mut dirs = Vec::new();
     for step in plan {
@@ -261,6 +263,7 @@ async fn execute_put(
         sweep_remote(client, files.iter().map(|(_, to, id)| (to, id))).await;
     }
     let topts = TransferOptions { preserve: opts.preserve, resume: opts.resume, swept };
+    let sync_label = dest_label(&dirs);
     let results = copy_files(
         files,
         opts.jobs,
@@ -281,7 +284,22 @@ async fn execute_put(
             }
         }
     }
+    // One sync for the whole run (after the last change, -p included) instead of one per file:
+    // success means on the server's disk.
+    if any_steps {
+        let started = std::time::Instant::now();
+        let synced = transfer::sync_remote(client).await;
+        tracing::debug!(elapsed = ?started.elapsed(), "server file system synced");
+        if let Err(e) = synced {
+            report.record(progress, "sync", &sync_label, Err(e));
+        }
+    }
     progress.finish();
+}
+
+/// What a failed remote sync names: the top directory of the copy, or the home.
+fn dest_label(dirs: &[(WirePath, u32, Timestamp)]) -> String {
+    dirs.first().map_or_else(|| "~".to_string(), |(d, _, _)| d.to_string())
 }
 
 /// Groups `(target, source version)` by the target's directory: `(dir, [(name, id)])`.
@@ -431,6 +449,14 @@ async fn execute_get(
     report: &mut Report,
 ) {
     set_total(&plan, progress);
+    // Every local path this run writes: the file systems to sync at the end.
+    let mut targets: Vec<PathBuf> = plan
+        .iter()
+        .map(|s| match s {
+            Step::Dir { to, .. } | Step::Symlink { to, .. } | Step::File { to, .. } => to.clone(),
+        })
+        .collect();
+    targets.dedup_by(|a, b| a.parent() == b.parent());
     let mut files = Vec::new();
     let mut dirs = Vec::new();
     for step in plan {
@@ -456,12 +482,16 @@ async fn execute_get(
         sweep_local(files.iter().map(|(_, to, id)| (to.as_path(), id)));
     }
     let topts = TransferOptions { preserve: opts.preserve, resume: opts.resume, swept };
+    // Each source with its size from the listing, so that a large file is streamed at once.
+    let files = files.into_iter().map(|(from, to, id)| ((from, id.size), to, id)).collect();
     let results = copy_files(
         files,
         opts.jobs,
         progress,
-        |from| from.to_string(),
-        |from: WirePath, to: PathBuf, bar| async move { (transfer::get(client, &from, &to, topts, &bar).await, bar) },
+        |(from, _)| from.to_string(),
+        |(from, size): (WirePath, u64), to: PathBuf, bar| async move {
+            (transfer::get_sized(client, &from, &to, topts, &bar, Some(size)).await, bar)
+        },
     )
     .await;
     for (label, r) in results {
@@ -474,6 +504,18 @@ async fn execute_get(
             if let Err(e) = r {
                 report.record(progress, "setattr", &show(&to), Err(e.into()));
             }
+        }
+    }
+    // One syncfs per local file system instead of an fsync per file.
+    if !targets.is_empty() {
+        let label = show(&targets[0]);
+        let started = std::time::Instant::now();
+        let synced = tokio::task::spawn_blocking(move || transfer::sync_local(targets.iter().map(PathBuf::as_path)))
+            .await
+            .unwrap_or_else(|e| Err(io::Error::other(e)));
+        tracing::debug!(elapsed = ?started.elapsed(), "local file systems synced");
+        if let Err(e) = synced {
+            report.record(progress, "sync", &label, Err(e.into()));
         }
     }
     progress.finish();

@@ -1,27 +1,47 @@
-//! The attribute and negative-entry cache in front of the server, keyed by path, each entry
-//! trusted for `cache_ttl` (sshfs `cache.c`). The kernel keeps its own dentry and attribute
-//! caches with the same TTL; this one catches what the kernel asks again (a `getattr` after a
-//! `readdirplus`, a lookup of a name just listed or just found missing).
+//! The metadata cache in front of the server, keyed by path (like sshfs's `cache.c`, but kept
+//! coherent): attributes of entries, absent names, and whole directory listings (names; their
+//! attributes are entries), each trusted for the cache TTL.
 //!
-//! Everything this mount changes is invalidated here at once; what other mounts change is seen
-//! once the TTL has passed.
+//! The kernel keeps its own dentry and attribute caches; this one answers what the kernel asks
+//! again (a `getattr` after a `readdirplus`, a lookup of a name just listed or just found missing)
+//! and what it forgot (`drop_caches`, memory pressure): `find` or `git status` run twice walk the
+//! second time without a round trip.
 //!
-//! A directory this mount created is known to be *complete* for one TTL: it was empty, and every
-//! name added through this mount is recorded, so a name it does not hold is absent without
-//! asking (the lookup the kernel makes before each create in a fresh tree, `tar x`, costs no
-//! round trip). Anything that loses track of a name (a rename, an error) drops the completeness.
+//! Coherence: everything this mount changes is updated here in place from the server's answers.
+//! What other connections change arrives as change notices (`notices.rs`), which drop the named
+//! paths, their subtrees and their parents' listings at once; the TTL then only bounds what no
+//! notice reports (changes made directly on the server's disk, or a server without notices, when
+//! it stays short). A fetch that started before a notice is not stored ([`AttrCache::generation`]).
+//!
+//! A directory whose listing is known is *complete*: a name it does not hold is absent without
+//! asking. A directory this mount just created is complete and empty, so the lookup the kernel
+//! makes before each create in a fresh tree (`tar x`) costs no round trip.
+//!
+//! Memory is bounded: at most [`MAX_ENTRIES`] entries and [`MAX_LISTED`] listed names; past
+//! either, expired ones go, then half of the rest (an arbitrary half: whatever goes is asked again).
 
-use homefs_shared::{Attr, Timestamp, WirePath};
-use std::collections::HashMap;
+use homefs_shared::{Attr, DirEntry, Timestamp, WirePath};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-/// The most entries kept. Past it, expired entries are dropped, and if that is not enough the
-/// whole cache is: a cache this size only matters for huge trees walked within one TTL.
-const MAX_ENTRIES: usize = 200_000;
+/// The most entries kept (about 200 bytes each: ~10 MiB), enough for the benchmark's trees.
+pub const MAX_ENTRIES: usize = 50_000;
+/// The most names kept in listings, all directories together (about 80 bytes each: ~4 MiB).
+pub const MAX_LISTED: usize = 50_000;
 
-fn parent_of(path: &WirePath) -> Option<WirePath> {
-    path.split_last().map(|(parent, _)| parent)
+fn parent_of(path: &WirePath) -> Option<(WirePath, Vec<u8>)> {
+    path.split_last().map(|(parent, name)| (parent, name.to_vec()))
+}
+
+/// Whether `path` is `dir` or below it.
+fn is_within(path: &WirePath, dir: &WirePath) -> bool {
+    if dir.is_root() {
+        return true;
+    }
+    let (p, d) = (path.as_bytes(), dir.as_bytes());
+    p.starts_with(d) && (p.len() == d.len() || p[d.len()] == b'/')
 }
 
 /// What the cache knows of a path.
@@ -35,35 +55,111 @@ pub enum Cached {
 
 #[derive(Debug)]
 struct Entry {
-    /// `None`: the path exists, its attributes are not known (they changed through us).
-    what: Option<Cached>,
+    what: Cached,
+    until: Instant,
+}
+
+/// Every name of one directory. The value is unused (a set kept sorted, as the server lists).
+#[derive(Debug)]
+struct Listing {
+    names: BTreeMap<Vec<u8>, ()>,
     until: Instant,
 }
 
 #[derive(Debug, Default)]
 struct Maps {
     entries: HashMap<WirePath, Entry>,
-    /// Directories whose every entry is in `entries`, until when.
-    complete: HashMap<WirePath, Instant>,
+    listings: HashMap<WirePath, Listing>,
+    /// Names in all listings together.
+    listed: usize,
 }
 
-/// Path -> attributes or absence, each for one TTL.
+impl Maps {
+    fn drop_listing(&mut self, dir: &WirePath) {
+        if let Some(l) = self.listings.remove(dir) {
+            self.listed -= l.names.len();
+        }
+    }
+
+    fn make_room_for_entries(&mut self, more: usize, now: Instant) {
+        if self.entries.len() + more <= MAX_ENTRIES {
+            return;
+        }
+        self.entries.retain(|_, e| e.until > now);
+        let mut n = 0u64;
+        while self.entries.len() + more > MAX_ENTRIES && !self.entries.is_empty() {
+            self.entries.retain(|_, _| {
+                n += 1;
+                n % 2 == 0
+            });
+        }
+    }
+
+    fn make_room_for_names(&mut self, more: usize, now: Instant) {
+        if self.listed + more <= MAX_LISTED {
+            return;
+        }
+        self.listings.retain(|_, l| l.until > now);
+        let mut n = 0u64;
+        while self.listed_now() + more > MAX_LISTED && !self.listings.is_empty() {
+            self.listings.retain(|_, _| {
+                n += 1;
+                n % 2 == 0
+            });
+        }
+        self.listed = self.listed_now();
+    }
+
+    fn listed_now(&self) -> usize {
+        self.listings.values().map(|l| l.names.len()).sum()
+    }
+}
+
+/// Path -> attributes or absence, and directory -> names, each for one TTL.
 #[derive(Debug)]
 pub struct AttrCache {
-    ttl: Duration,
-    /// Guards the entries; held only for a map operation.
+    /// The TTL in nanoseconds (set longer once change notices are on).
+    ttl_nanos: AtomicU64,
+    /// The TTL the cache was made with: the kernel's for negative entries, which no notice can
+    /// reach when the name is unknown (after a reconnect, every one may be stale).
+    base_ttl: Duration,
+    /// Bumped by every change notice; see [`AttrCache::generation`].
+    generation: AtomicU64,
+    /// Guards the maps; held only for a map operation, never across an await.
     maps: Mutex<Maps>,
 }
 
 impl AttrCache {
     /// A cache whose entries live `ttl` (zero: nothing is cached).
     pub fn new(ttl: Duration) -> AttrCache {
-        AttrCache { ttl, maps: Mutex::new(Maps::default()) }
+        AttrCache {
+            ttl_nanos: AtomicU64::new(ttl.as_nanos().min(u128::from(u64::MAX)) as u64),
+            base_ttl: ttl,
+            generation: AtomicU64::new(0),
+            maps: Mutex::new(Maps::default()),
+        }
     }
 
-    /// How long entries live (also the TTL given to the kernel).
+    /// How long entries live (also the TTL given to the kernel for what it can be told to drop).
     pub fn ttl(&self) -> Duration {
-        self.ttl
+        Duration::from_nanos(self.ttl_nanos.load(Ordering::Relaxed))
+    }
+
+    /// How long the kernel may keep a negative entry: the TTL the cache was made with.
+    pub fn negative_ttl(&self) -> Duration {
+        self.base_ttl.min(self.ttl())
+    }
+
+    /// Changes the TTL of entries stored from now on (change notices turned on or off).
+    pub fn set_ttl(&self, ttl: Duration) {
+        self.ttl_nanos.store(ttl.as_nanos().min(u128::from(u64::MAX)) as u64, Ordering::Relaxed);
+    }
+
+    /// The count of change notices applied so far. Read it before asking the server, and pass it
+    /// to [`AttrCache::put_fetched`] or [`AttrCache::put_listing`]: an answer that raced with a
+    /// notice may predate the change, and is not stored.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Maps> {
@@ -76,83 +172,125 @@ impl AttrCache {
         let now = Instant::now();
         let mut maps = self.lock();
         match maps.entries.get(path) {
-            Some(entry) if entry.until > now => return entry.what,
+            Some(entry) if entry.until > now => return Some(entry.what),
             Some(_) => {
                 maps.entries.remove(path);
             }
             None => {}
         }
-        // Not recorded: absent if its directory is complete. An entry added while the directory
-        // was complete lives at least as long as the completeness, so none has expired unseen.
-        let parent = parent_of(path)?;
-        match maps.complete.get(&parent) {
-            Some(until) if *until > now => Some(Cached::Absent),
+        // Not recorded: absent if its directory's listing is known and lacks the name.
+        let (parent, name) = parent_of(path)?;
+        match maps.listings.get(&parent) {
+            Some(l) if l.until > now => (!l.names.contains_key(&name)).then_some(Cached::Absent),
             Some(_) => {
-                maps.complete.remove(&parent);
+                maps.drop_listing(&parent);
                 None
             }
             None => None,
         }
     }
 
-    /// `dir` was just created through this mount: it is empty, and stays known for one TTL.
-    pub fn put_complete_dir(&self, dir: &WirePath) {
-        if self.ttl.is_zero() {
+    /// The listing of `dir` with every entry's attributes, if all are known and fresh.
+    pub fn listing(&self, dir: &WirePath) -> Option<Vec<DirEntry>> {
+        let now = Instant::now();
+        let maps = self.lock();
+        let l = maps.listings.get(dir).filter(|l| l.until > now)?;
+        let mut out = Vec::with_capacity(l.names.len());
+        for name in l.names.keys() {
+            let path = dir.join(name).ok()?;
+            match maps.entries.get(&path) {
+                Some(Entry { what: Cached::Present(attr), until }) if *until > now => {
+                    out.push(DirEntry { name: name.clone(), attr: *attr })
+                }
+                _ => return None,
+            }
+        }
+        Some(out)
+    }
+
+    /// `dir`'s whole listing, fetched from the server when the generation was `generation`.
+    pub fn put_listing(&self, dir: &WirePath, entries: &[DirEntry], generation: u64) {
+        let ttl = self.ttl();
+        if ttl.is_zero() {
             return;
         }
-        let until = Instant::now() + self.ttl;
-        self.lock().complete.insert(dir.clone(), until);
+        let now = Instant::now();
+        let until = now + ttl;
+        let mut maps = self.lock();
+        // Checked under the lock: notices take it too, so none slips in between.
+        if self.generation() != generation {
+            return;
+        }
+        maps.drop_listing(dir);
+        maps.make_room_for_names(entries.len(), now);
+        if entries.len() <= MAX_LISTED {
+            let names = entries.iter().map(|e| (e.name.clone(), ())).collect();
+            maps.listed += entries.len();
+            maps.listings.insert(dir.clone(), Listing { names, until });
+        }
+        maps.make_room_for_entries(entries.len().min(MAX_ENTRIES), now);
+        for e in entries.iter().take(MAX_ENTRIES) {
+            if let Ok(p) = dir.join(&e.name) {
+                maps.entries.insert(p, Entry { what: Cached::Present(e.attr), until });
+            }
+        }
     }
 
-    /// Whether `dir` is known to be complete (for tests and the profile).
+    /// `dir` was just created through this mount: it is empty, and stays known for one TTL.
+    pub fn put_complete_dir(&self, dir: &WirePath) {
+        self.put_listing(dir, &[], self.generation());
+    }
+
+    /// Whether `dir`'s listing is known (for tests and the profile).
     pub fn is_complete_dir(&self, dir: &WirePath) -> bool {
-        self.lock().complete.get(dir).is_some_and(|u| *u > Instant::now())
+        self.lock().listings.get(dir).is_some_and(|l| l.until > Instant::now())
     }
 
-    /// `path` exists with `attr`.
+    /// `path` exists with `attr` (an answer to this mount's own change, or a fetch that cannot
+    /// have raced a notice); its name joins its directory's listing, if that is known.
     pub fn put(&self, path: &WirePath, attr: &Attr) {
-        self.insert(path, Cached::Present(*attr));
+        self.insert(path, Cached::Present(*attr), None);
     }
 
-    /// `path` does not exist.
-    pub fn put_absent(&self, path: &WirePath) {
-        self.insert(path, Cached::Absent);
+    /// As [`AttrCache::put`], for attributes fetched when the generation was `generation`.
+    pub fn put_fetched(&self, path: &WirePath, attr: &Attr, generation: u64) {
+        self.insert(path, Cached::Present(*attr), Some(generation));
     }
 
-    fn insert(&self, path: &WirePath, what: Cached) {
-        if self.ttl.is_zero() {
+    /// `path` does not exist (fetched when the generation was `generation`, if given).
+    pub fn put_absent(&self, path: &WirePath, generation: Option<u64>) {
+        self.insert(path, Cached::Absent, generation);
+    }
+
+    fn insert(&self, path: &WirePath, what: Cached, generation: Option<u64>) {
+        let ttl = self.ttl();
+        if ttl.is_zero() {
             return;
         }
         let now = Instant::now();
         let mut maps = self.lock();
-        if maps.entries.len() >= MAX_ENTRIES {
-            maps.entries.retain(|_, e| e.until > now);
-            if maps.entries.len() >= MAX_ENTRIES {
-                maps.entries.clear();
-                maps.complete.clear();
+        if generation.is_some_and(|g| g != self.generation()) {
+            return;
+        }
+        maps.make_room_for_entries(1, now);
+        maps.entries.insert(path.clone(), Entry { what, until: now + ttl });
+        let Some((parent, name)) = parent_of(path) else { return };
+        if let Some(l) = maps.listings.get_mut(&parent) {
+            let changed = match what {
+                Cached::Present(_) => l.names.insert(name, ()).is_none(),
+                Cached::Absent => l.names.remove(&name).is_some(),
+            };
+            match (changed, what) {
+                (true, Cached::Present(_)) => maps.listed += 1,
+                (true, Cached::Absent) => maps.listed -= 1,
+                _ => {}
             }
         }
-        // Never shorten what is known: a completeness may rely on this entry's lifetime.
-        let until = match maps.entries.get(path) {
-            Some(e) => e.until.max(now + self.ttl),
-            None => now + self.ttl,
-        };
-        maps.entries.insert(path.clone(), Entry { what: Some(what), until });
     }
 
-    /// Forgets `path`'s attributes but remembers that it exists (it changed through us): its
-    /// directory stays complete.
+    /// Forgets `path`'s attributes (they changed through us) but not its name in its listing.
     pub fn invalidate_attr(&self, path: &WirePath) {
-        let mut maps = self.lock();
-        match maps.entries.get_mut(path) {
-            Some(e) if e.until > Instant::now() => e.what = None,
-            _ => {
-                maps.entries.remove(path);
-                if let Some(parent) = parent_of(path) {
-                    maps.complete.remove(&parent);
-                }
-            }
-        }
+        self.lock().entries.remove(path);
     }
 
     /// A directory gained or lost an entry through us (create, unlink, symlink, link): its
@@ -160,48 +298,108 @@ impl AttrCache {
     /// clock, within the server's by the skew) rather than dropped, so the permission check the
     /// kernel makes on the directory before the next create or unlink (`default_permissions`)
     /// needs no round trip; the server's exact times come back after one TTL.
-    pub fn touch_dir(&self, path: &WirePath, now: Timestamp) {
+    /// `links`: the change in its link count (+1 for a subdirectory made, -1 for one removed).
+    pub fn touch_dir(&self, path: &WirePath, now: Timestamp, links: i32) {
         let mut maps = self.lock();
-        if let Some(e) = maps.entries.get_mut(path) {
-            if e.until > Instant::now() {
-                if let Some(Cached::Present(a)) = &mut e.what {
-                    a.mtime = a.mtime.max(now);
-                    a.ctime = a.ctime.max(now);
-                    return;
-                }
+        let Some(e) = maps.entries.get_mut(path) else { return };
+        match &mut e.what {
+            Cached::Present(a) if e.until > Instant::now() => {
+                a.mtime = a.mtime.max(now);
+                a.ctime = a.ctime.max(now);
+                a.nlink = a.nlink.saturating_add_signed(links).max(1);
+            }
+            _ => {
+                maps.entries.remove(path);
             }
         }
-        drop(maps);
-        self.invalidate_attr(path);
     }
 
-    /// Forgets `path`; its directory is no longer known to be complete.
+    /// Forgets `path`, and its directory's listing: whether the name exists is unknown now.
     pub fn invalidate(&self, path: &WirePath) {
         let mut maps = self.lock();
         maps.entries.remove(path);
-        if let Some(parent) = parent_of(path) {
-            maps.complete.remove(&parent);
+        if let Some((parent, _)) = parent_of(path) {
+            maps.drop_listing(&parent);
         }
     }
 
-    /// Forgets `path` and everything below it (a renamed or removed directory).
+    /// Forgets `path` and everything below it (a renamed or removed directory), and its
+    /// directory's listing.
     pub fn invalidate_tree(&self, path: &WirePath) {
         let mut maps = self.lock();
+        Self::drop_tree(&mut maps, path);
+    }
+
+    /// The directory `path` was removed through us: it and everything below it go; it is absent
+    /// from its directory's listing, which stays known.
+    pub fn removed_dir(&self, path: &WirePath) {
+        {
+            let mut maps = self.lock();
+            maps.entries.retain(|p, _| !is_within(p, path));
+            maps.listings.retain(|p, _| !is_within(p, path));
+            maps.listed = maps.listed_now();
+        }
+        self.put_absent(path, None);
+    }
+
+    fn drop_tree(maps: &mut Maps, path: &WirePath) {
         if path.is_root() {
-            maps.entries.clear();
-            maps.complete.clear();
+            *maps = Maps::default();
             return;
         }
-        let dir = path.as_bytes();
-        let below = |p: &WirePath| {
-            let p = p.as_bytes();
-            p.starts_with(dir) && (p.len() == dir.len() || p[dir.len()] == b'/')
-        };
-        maps.entries.retain(|p, _| !below(p));
-        maps.complete.retain(|p, _| !below(p));
-        if let Some(parent) = parent_of(path) {
-            maps.complete.remove(&parent);
+        maps.entries.retain(|p, _| !is_within(p, path));
+        maps.listings.retain(|p, _| !is_within(p, path));
+        maps.listed = maps.listed_now();
+        if let Some((parent, _)) = parent_of(path) {
+            maps.drop_listing(&parent);
         }
+    }
+
+    /// A change notice: another connection changed each of `paths` (entry or content). Each
+    /// goes with everything below it, its directory's listing and attributes (mtime moved), and
+    /// no fetch in flight is stored.
+    pub fn changed(&self, paths: &[WirePath]) {
+        let mut maps = self.lock();
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        for path in paths {
+            if path.is_root() {
+                maps.entries.remove(path);
+                maps.drop_listing(path);
+                continue;
+            }
+            // Only what may hold entries below needs the scan of every entry: not a file we
+            // know, nor a name its known listing lacks (nothing below it was ever seen).
+            let known_file = matches!(
+                maps.entries.get(path),
+                Some(Entry { what: Cached::Present(a), .. }) if a.kind != homefs_shared::FileKind::Dir
+            ) && !maps.listings.contains_key(path);
+            let unseen = !maps.entries.contains_key(path)
+                && parent_of(path).is_some_and(|(parent, name)| {
+                    maps.listings.get(&parent).is_some_and(|l| !l.names.contains_key(&name))
+                });
+            if known_file || unseen {
+                maps.entries.remove(path);
+            } else {
+                Self::drop_tree(&mut maps, path);
+            }
+            if let Some((parent, _)) = parent_of(path) {
+                maps.drop_listing(&parent);
+                maps.entries.remove(&parent);
+            }
+        }
+    }
+
+    /// Everything may be stale (notices were lost, or the connection was): forget it all.
+    pub fn clear(&self) {
+        let mut maps = self.lock();
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        *maps = Maps::default();
+    }
+
+    /// Entries and listed names held (for tests and the profile).
+    pub fn size(&self) -> (usize, usize) {
+        let maps = self.lock();
+        (maps.entries.len(), maps.listed)
     }
 }
 
@@ -214,66 +412,116 @@ mod tests {
         let t = Timestamp::default();
         Attr { ino: 9, kind: FileKind::File, perm: 0o644, nlink: 1, size: 3, blocks: 0, atime: t, mtime: t, ctime: t }
     }
+    fn p(s: &str) -> WirePath {
+        WirePath::new(s).unwrap()
+    }
+    fn entry(name: &str) -> DirEntry {
+        DirEntry { name: name.as_bytes().to_vec(), attr: attr() }
+    }
 
     #[test]
     fn hits_until_invalidated() {
         let c = AttrCache::new(Duration::from_secs(60));
-        let (a, ab, b) = (WirePath::new("a").unwrap(), WirePath::new("a/b").unwrap(), WirePath::new("ab").unwrap());
-        c.put(&a, &attr());
-        c.put(&ab, &attr());
-        c.put_absent(&b);
-        assert_eq!(c.get(&a), Some(Cached::Present(attr())));
-        assert_eq!(c.get(&b), Some(Cached::Absent));
-        c.invalidate_tree(&a);
-        assert_eq!(c.get(&a), None);
-        assert_eq!(c.get(&ab), None);
-        assert_eq!(c.get(&b), Some(Cached::Absent));
+        c.put(&p("a"), &attr());
+        c.put(&p("a/b"), &attr());
+        c.put_absent(&p("ab"), None);
+        assert_eq!(c.get(&p("a")), Some(Cached::Present(attr())));
+        assert_eq!(c.get(&p("ab")), Some(Cached::Absent));
+        c.invalidate_tree(&p("a"));
+        assert_eq!(c.get(&p("a")), None);
+        assert_eq!(c.get(&p("a/b")), None);
+        assert_eq!(c.get(&p("ab")), Some(Cached::Absent));
     }
 
     #[test]
     fn complete_dir_answers_absent_until_it_loses_track() {
         let c = AttrCache::new(Duration::from_secs(60));
-        let (d, f, g) = (WirePath::new("d").unwrap(), WirePath::new("d/f").unwrap(), WirePath::new("d/g").unwrap());
-        assert_eq!(c.get(&f), None);
-        c.put_complete_dir(&d);
-        assert_eq!(c.get(&f), Some(Cached::Absent));
-        c.put(&f, &attr());
-        assert_eq!(c.get(&f), Some(Cached::Present(attr())));
-        // Written through us: attributes unknown, existence still known, `d` still complete.
-        c.invalidate_attr(&f);
-        assert_eq!(c.get(&f), None);
-        assert_eq!(c.get(&g), Some(Cached::Absent));
+        assert_eq!(c.get(&p("d/f")), None);
+        c.put_complete_dir(&p("d"));
+        assert_eq!(c.get(&p("d/f")), Some(Cached::Absent));
+        c.put(&p("d/f"), &attr());
+        assert_eq!(c.get(&p("d/f")), Some(Cached::Present(attr())));
+        // Written through us: attributes unknown, the name still listed, `d` still complete.
+        c.invalidate_attr(&p("d/f"));
+        assert_eq!(c.get(&p("d/f")), None);
+        assert_eq!(c.get(&p("d/g")), Some(Cached::Absent));
+        assert!(c.listing(&p("d")).is_none(), "a listing needs every entry's attributes");
         // A name we lose track of (an error, a rename) makes the directory unknown again.
-        c.invalidate(&f);
-        assert_eq!(c.get(&g), None);
-        assert!(!c.is_complete_dir(&d));
-        c.put_complete_dir(&d);
-        c.invalidate_tree(&WirePath::new("d").unwrap());
-        assert_eq!(c.get(&g), None);
+        c.invalidate(&p("d/f"));
+        assert_eq!(c.get(&p("d/g")), None);
+        assert!(!c.is_complete_dir(&p("d")));
+    }
+
+    #[test]
+    fn listings_follow_our_own_changes() {
+        let c = AttrCache::new(Duration::from_secs(60));
+        c.put_listing(&p("d"), &[entry("a"), entry("c")], c.generation());
+        let names = |c: &AttrCache| c.listing(&p("d")).map(|v| v.into_iter().map(|e| e.name).collect::<Vec<_>>());
+        assert_eq!(names(&c), Some(vec![b"a".to_vec(), b"c".to_vec()]));
+        c.put(&p("d/b"), &attr());
+        c.put_absent(&p("d/a"), None);
+        assert_eq!(names(&c), Some(vec![b"b".to_vec(), b"c".to_vec()]));
+        assert_eq!(c.get(&p("d/a")), Some(Cached::Absent));
+        assert_eq!(c.get(&p("d/zz")), Some(Cached::Absent));
+        assert_eq!(c.size(), (3, 2));
+    }
+
+    #[test]
+    fn a_notice_drops_the_path_its_subtree_and_its_listing_and_stale_fetches() {
+        let c = AttrCache::new(Duration::from_secs(60));
+        let dir = Attr { kind: FileKind::Dir, ..attr() };
+        c.put(&p("d"), &dir);
+        c.put_listing(&p("d"), &[entry("x")], c.generation());
+        c.put_listing(&p("d/x"), &[entry("y")], c.generation());
+        c.put(&p("e"), &attr());
+        let before = c.generation();
+        c.changed(&[p("d/x")]);
+        assert_eq!(c.get(&p("d/x")), None);
+        assert_eq!(c.get(&p("d/x/y")), None);
+        assert_eq!(c.get(&p("d")), None, "the parent's mtime moved");
+        assert!(!c.is_complete_dir(&p("d")) && !c.is_complete_dir(&p("d/x")));
+        assert_eq!(c.get(&p("e")), Some(Cached::Present(attr())));
+        // A fetch that started before the notice is not stored.
+        c.put_fetched(&p("d/x"), &attr(), before);
+        c.put_listing(&p("d"), &[entry("x")], before);
+        assert_eq!(c.get(&p("d/x")), None);
+        assert!(!c.is_complete_dir(&p("d")));
+        c.put_fetched(&p("d/x"), &attr(), c.generation());
+        assert!(c.get(&p("d/x")).is_some());
+        c.clear();
+        assert_eq!(c.get(&p("e")), None);
+    }
+
+    #[test]
+    fn memory_is_bounded() {
+        let c = AttrCache::new(Duration::from_secs(60));
+        let many: Vec<DirEntry> = (0..MAX_LISTED / 4).map(|i| entry(&format!("f{i}"))).collect();
+        for d in 0..10 {
+            c.put_listing(&p(&format!("d{d}")), &many, c.generation());
+            let (entries, listed) = c.size();
+            assert!(entries <= MAX_ENTRIES && listed <= MAX_LISTED, "{entries} entries, {listed} names");
+        }
+        assert!(c.listing(&p("d9")).is_some(), "the newest listing is kept whole");
     }
 
     #[test]
     fn touched_dir_keeps_its_attributes_with_new_times() {
         let c = AttrCache::new(Duration::from_secs(60));
-        let d = WirePath::new("d").unwrap();
-        c.put(&d, &attr());
+        c.put(&p("d"), &attr());
         let now = Timestamp { secs: 100, nanos: 5 };
-        c.touch_dir(&d, now);
-        let Some(Cached::Present(a)) = c.get(&d) else { panic!("attributes dropped") };
+        c.touch_dir(&p("d"), now, 0);
+        let Some(Cached::Present(a)) = c.get(&p("d")) else { panic!("attributes dropped") };
         assert_eq!((a.mtime, a.ctime, a.size, a.perm), (now, now, 3, 0o644));
-        // Nothing cached: nothing to touch, and nothing made up.
-        let e = WirePath::new("e").unwrap();
-        c.touch_dir(&e, now);
-        assert_eq!(c.get(&e), None);
+        c.touch_dir(&p("e"), now, 1);
+        assert_eq!(c.get(&p("e")), None);
     }
 
     #[test]
     fn zero_ttl_caches_nothing() {
         let c = AttrCache::new(Duration::ZERO);
-        let a = WirePath::new("a").unwrap();
-        c.put(&a, &attr());
-        c.put_complete_dir(&a);
-        assert_eq!(c.get(&a), None);
-        assert_eq!(c.get(&WirePath::new("a/b").unwrap()), None);
+        c.put(&p("a"), &attr());
+        c.put_complete_dir(&p("a"));
+        assert_eq!(c.get(&p("a")), None);
+        assert_eq!(c.get(&p("a/b")), None);
     }
 }

@@ -7,7 +7,7 @@
 //! most recently looked up.
 
 use homefs_shared::{Attr, WirePath};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
 
 /// The FUSE inode number of the mount's root.
@@ -148,6 +148,26 @@ impl InodeTable {
                 node.path = moved;
             }
         }
+    }
+
+    /// The inodes of those of `paths` the kernel knows, found in one pass.
+    pub fn inos_of(&self, paths: &HashSet<WirePath>) -> HashMap<WirePath, u64> {
+        let nodes = self.lock();
+        let mut found = HashMap::new();
+        if paths.contains(&WirePath::root()) {
+            found.insert(WirePath::root(), ROOT_INO);
+        }
+        for (ino, node) in nodes.iter() {
+            if *ino != ROOT_INO && paths.contains(&node.path) {
+                found.insert(node.path.clone(), *ino);
+            }
+        }
+        found
+    }
+
+    /// Every inode the kernel holds, with its path.
+    pub fn all(&self) -> Vec<(u64, WirePath)> {
+        self.lock().iter().map(|(ino, n)| (*ino, n.path.clone())).collect()
     }
 
     /// How many inodes the kernel holds (for tests and the debug log).

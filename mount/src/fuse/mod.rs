@@ -3,6 +3,7 @@
 //! - [`options`]: the `-o` options.  - [`mountpoint`]: checks before mounting, and unmounting.
 //! - [`fs`]: `impl fuser::Filesystem`, thin adapters over [`ops`].
 //! - [`inodes`], [`cache`], [`handles`]: the state the adapters keep.  - [`attr`]: conversions.
+//! - [`notices`]: the server's change notices applied to the cache and the kernel's.
 //! - [`session`]: building the state, mounting, running until unmounted.
 //! - [`daemon`]: going to the background once the mount is ready.
 //! - [`writes`]: write-behind, and the order and errors it must keep.
@@ -14,7 +15,9 @@ pub mod fs;
 pub mod handles;
 pub mod inodes;
 pub mod mountpoint;
+pub mod notices;
 pub mod ops;
 pub mod options;
+pub mod reads;
 pub mod session;
 pub mod writes;

@@ -8,8 +8,8 @@
 use bytes::Bytes;
 use fuser::{Errno, FileAttr, FopenFlags, INodeNo, Notifier};
 use homefs_shared::{
-    Attr, ErrorCode, Fh, LockKind, LockSpec, OpenFlags, RenameFlags, SetAttr, StatFs, Timestamp, WireError, WirePath,
-    MAX_DATA_BYTES,
+    Attr, ErrorCode, Fh, FileKind, LockKind, LockSpec, OpenFlags, RenameFlags, SetAttr, StatFs, Timestamp, WireError,
+    WirePath, MAX_DATA_BYTES,
 };
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -70,6 +70,8 @@ pub struct Hits {
     pub lookup: AtomicU64,
     pub lookup_absent: AtomicU64,
     pub getattr: AtomicU64,
+    pub readdir: AtomicU64,
+    pub setattr: AtomicU64,
 }
 
 impl Hits {
@@ -81,10 +83,12 @@ impl Hits {
     pub fn show(&self) -> String {
         let get = |n: &AtomicU64| n.load(Ordering::Relaxed);
         format!(
-            "lookup={} lookup_absent={} getattr={}",
+            "lookup={} lookup_absent={} getattr={} readdir={} setattr={}",
             get(&self.lookup),
             get(&self.lookup_absent),
-            get(&self.getattr)
+            get(&self.getattr),
+            get(&self.readdir),
+            get(&self.setattr)
         )
     }
 }
@@ -120,9 +124,14 @@ impl Remote {
 
     /// A file was added to or removed from `dir` through us (see [`AttrCache::touch_dir`]).
     fn dir_touched(&self, dir: u64) {
+        self.dir_touched_links(dir, 0);
+    }
+
+    /// As [`Remote::dir_touched`], for a subdirectory made (`links` = 1) or removed (-1).
+    fn dir_touched_links(&self, dir: u64, links: i32) {
         if let Some(p) = self.inodes.path(dir) {
             let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
-            self.cache.touch_dir(&p, Timestamp { secs: now.as_secs() as i64, nanos: now.subsec_nanos() });
+            self.cache.touch_dir(&p, Timestamp { secs: now.as_secs() as i64, nanos: now.subsec_nanos() }, links);
         }
     }
 
@@ -143,6 +152,11 @@ impl Remote {
     /// The kernel now knows `path`: one more lookup, cached attributes.
     fn entry(&self, path: &WirePath, attr: &Attr) -> Entry {
         self.cache.put(path, attr);
+        self.known(path, attr)
+    }
+
+    /// As [`Remote::entry`], for attributes the cache already holds (or must not).
+    fn known(&self, path: &WirePath, attr: &Attr) -> Entry {
         let ino = self.inodes.remember(path, attr);
         (ino, self.owner.file_attr(ino, attr))
     }
@@ -156,10 +170,11 @@ impl Remote {
             self.writes.settle(ino).await;
             attr = self.lookup_attr(&path).await?;
         }
-        Ok(attr.map(|a| self.entry(&path, &a)))
+        Ok(attr.map(|a| self.known(&path, &a)))
     }
 
     async fn lookup_attr(&self, path: &WirePath) -> R<Option<Attr>> {
+        let generation = self.cache.generation();
         match self.cache.get(path) {
             Some(Cached::Present(a)) => {
                 Hits::add(&self.hits.lookup);
@@ -172,9 +187,12 @@ impl Remote {
             None => {}
         }
         match self.client.stat(path).await {
-            Ok(a) => Ok(Some(a)),
+            Ok(a) => {
+                self.cache.put_fetched(path, &a, generation);
+                Ok(Some(a))
+            }
             Err(e) if e.code == ErrorCode::NotFound => {
-                self.cache.put_absent(path);
+                self.cache.put_absent(path, Some(generation));
                 Ok(None)
             }
             Err(e) => Err(errno(&e)),
@@ -185,12 +203,15 @@ impl Remote {
     pub async fn getattr(&self, ino: u64) -> R<FileAttr> {
         let path = self.path(ino)?;
         if let Some(Cached::Present(a)) = self.cache.get(&path) {
-            Hits::add(&self.hits.getattr);
-            return Ok(self.owner.file_attr(ino, &a));
+            if ino == ROOT_INO || self.inodes.fuse_ino(a.ino) == ino {
+                Hits::add(&self.hits.getattr);
+                return Ok(self.owner.file_attr(ino, &a));
+            }
         }
+        let generation = self.cache.generation();
         match self.client.stat(&path).await {
             Ok(a) if ino == ROOT_INO || self.inodes.fuse_ino(a.ino) == ino => {
-                self.cache.put(&path, &a);
+                self.cache.put_fetched(&path, &a, generation);
                 self.inodes.update_attr(ino, &a);
                 Ok(self.owner.file_attr(ino, &a))
             }
@@ -227,6 +248,16 @@ impl Remote {
             return self.getattr(ino).await;
         }
         self.writable()?;
+        // A mode set to what it already is (`tar x` restores each file's mode right after
+        // creating it with that mode) changes nothing but ctime: answered from fresh attributes.
+        if let (SetAttr { mode: Some(mode), size: None, atime: None, mtime: None }, Some(Cached::Present(a))) =
+            (set, self.cache.get(&path))
+        {
+            if a.perm & 0o7777 == mode & 0o7777 && (ino == ROOT_INO || self.inodes.fuse_ino(a.ino) == ino) {
+                Hits::add(&self.hits.setattr);
+                return Ok(self.owner.file_attr(ino, &a));
+            }
+        }
         let a = self.client.setattr(&path, fh.map(Fh), set).await.map_err(|e| errno(&e))?;
         self.cache.put(&path, &a);
         self.inodes.update_attr(ino, &a);
@@ -237,11 +268,14 @@ impl Remote {
         self.writable()?;
         let path = self.child(parent, name)?;
         let result = self.client.mkdir(&path, mode & 0o7777).await;
-        self.dir_changed(parent);
         let a = match result {
             Ok(a) => a,
-            Err(e) => return self.add_failed(&path, &e),
+            Err(e) => {
+                self.dir_changed(parent);
+                return self.add_failed(&path, &e);
+            }
         };
+        self.dir_touched_links(parent, 1);
         let entry = self.entry(&path, &a);
         // Empty, and everything added to it through us is recorded: lookups of new names in it
         // (each create's) need no round trip for one TTL.
@@ -275,17 +309,22 @@ impl Remote {
             self.cache.invalidate(&path);
             return Err(errno(&e));
         }
-        self.cache.put_absent(&path);
+        self.cache.put_absent(&path, None);
         self.inodes.unlinked(&path);
         Ok(())
     }
 
     pub async fn rmdir(&self, parent: u64, name: &[u8]) -> R<()> {
         let path = self.child(parent, name)?;
-        let result = self.client.rmdir(&path).await;
-        self.cache.invalidate_tree(&path);
-        self.dir_changed(parent);
-        result.map_err(|e| errno(&e))?;
+        if let Err(e) = self.client.rmdir(&path).await {
+            self.cache.invalidate_tree(&path);
+            self.dir_changed(parent);
+            return Err(errno(&e));
+        }
+        // The parent's attributes and listing stay (the next rmdir's permission check on it,
+        // `rm -rf`, needs no round trip).
+        self.cache.removed_dir(&path);
+        self.dir_touched_links(parent, -1);
         self.inodes.unlinked(&path);
         Ok(())
     }
@@ -301,6 +340,7 @@ impl Remote {
             return Err(Errno::EINVAL);
         }
         let result = self.client.rename(&from, &to, flags).await;
+        let moved = self.cache.get(&from);
         self.cache.invalidate_tree(&from);
         self.cache.invalidate_tree(&to);
         self.dir_changed(parent);
@@ -310,6 +350,15 @@ impl Remote {
             self.inodes.exchanged(&from, &to);
         } else {
             self.inodes.renamed(&from, &to);
+            // A file keeps its attributes under the new name but ctime (an editor's or git's
+            // save by rename: the kernel asks for them right after). Directories are asked again.
+            if let Some(Cached::Present(mut a)) =
+                moved.filter(|m| matches!(m, Cached::Present(a) if a.kind != FileKind::Dir))
+            {
+                let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+                a.ctime = a.ctime.max(Timestamp { secs: now.as_secs() as i64, nanos: now.subsec_nanos() });
+                self.cache.put(&to, &a);
+            }
         }
         Ok(())
     }
@@ -497,16 +546,23 @@ impl Remote {
         self.client.fsync(Fh(fh), datasync).await.map_err(|e| errno(&e))
     }
 
-    /// `opendir`: the whole listing, with attributes, is taken now (one round trip per page) and
-    /// served from memory at stable offsets.
+    /// `opendir`: the whole listing, with attributes, is taken now and served from memory at
+    /// stable offsets: from the cache when it holds the listing (no round trip), else from the
+    /// server (one round trip per page), which the cache then keeps.
     pub async fn opendir(&self, ino: u64) -> R<u64> {
         let path = self.path(ino)?;
-        let entries = self.client.read_dir(&path).await.map_err(|e| errno(&e))?;
-        for e in &entries {
-            if let Ok(p) = path.join(&e.name) {
-                self.cache.put(&p, &e.attr);
+        let entries = match self.cache.listing(&path) {
+            Some(entries) => {
+                Hits::add(&self.hits.readdir);
+                entries
             }
-        }
+            None => {
+                let generation = self.cache.generation();
+                let entries = self.client.read_dir(&path).await.map_err(|e| errno(&e))?;
+                self.cache.put_listing(&path, &entries, generation);
+                entries
+            }
+        };
         Ok(self.handles.open_dir(DirSnapshot { ino, parent_ino: ino, entries }))
     }
 

@@ -17,6 +17,9 @@ pub struct MountOptions {
     pub allow_other: bool,
     /// `cache_ttl=SECONDS`: how long attributes, entries and negative entries are trusted.
     pub cache_ttl: Duration,
+    /// Whether `cache_ttl` was given: then it bounds the cache even when the server sends
+    /// change notices (which otherwise lengthen it, see `notices.rs`).
+    pub cache_ttl_given: bool,
     /// `reconnect_timeout=SECONDS`: how long a call waits for a lost connection to come back.
     pub reconnect_timeout: Duration,
     /// `noexec`, `nosuid` (default), `nodev` (default), `noatime`: passed to the kernel.
@@ -30,6 +33,7 @@ impl Default for MountOptions {
             read_only: false,
             allow_other: false,
             cache_ttl: DEFAULT_CACHE_TTL,
+            cache_ttl_given: false,
             reconnect_timeout: DEFAULT_RECONNECT_TIMEOUT,
             noexec: false,
             noatime: false,
@@ -74,7 +78,10 @@ impl MountOptions {
             ("exec", None) => self.noexec = false,
             ("noatime", None) => self.noatime = true,
             ("atime" | "relatime", None) => self.noatime = false,
-            ("cache_ttl", Some(v)) => self.cache_ttl = seconds(name, v)?,
+            ("cache_ttl", Some(v)) => {
+                self.cache_ttl = seconds(name, v)?;
+                self.cache_ttl_given = true;
+            }
             ("reconnect_timeout", Some(v)) => self.reconnect_timeout = seconds(name, v)?,
             // What mount(8) and fstab pass along to every helper; they mean nothing to us
             // (nodev/nosuid are always on for a FUSE mount).
