@@ -36,8 +36,8 @@ struct Cli {
     /// The directory to mount on.
     #[arg(value_name = "MOUNTPOINT")]
     mountpoint: Option<PathBuf>,
-    /// Mount options, comma-separated: ro, allow_other, cache_ttl=SECONDS (1),
-    /// reconnect_timeout=SECONDS (30).
+    /// Mount options, comma-separated: ro, allow_other, cache_ttl=SECONDS (30 with a server that
+    /// sends change notices, else 1), reconnect_timeout=SECONDS (30).
     #[arg(short = 'o', value_name = "OPTIONS")]
     options: Vec<String>,
     /// Stay in the foreground (serve until unmounted).
