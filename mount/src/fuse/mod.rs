@@ -7,6 +7,7 @@
 //! - [`session`]: building the state, mounting, running until unmounted.
 //! - [`daemon`]: going to the background once the mount is ready.
 //! - [`writes`]: write-behind, and the order and errors it must keep.
+//! - [`prefetch`]: listings in flight (directory read-ahead, lookups that fetch a listing).
 
 pub mod attr;
 pub mod cache;
@@ -18,6 +19,7 @@ pub mod mountpoint;
 pub mod notices;
 pub mod ops;
 pub mod options;
+pub mod prefetch;
 pub mod reads;
 pub mod session;
 pub mod writes;

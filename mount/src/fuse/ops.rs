@@ -8,8 +8,8 @@
 use bytes::Bytes;
 use fuser::{Errno, FileAttr, FopenFlags, INodeNo, Notifier};
 use homefs_shared::{
-    Attr, ErrorCode, Fh, FileKind, LockKind, LockSpec, OpenFlags, RenameFlags, SetAttr, StatFs, Timestamp, WireError,
-    WirePath, MAX_DATA_BYTES,
+    Attr, DirEntry, ErrorCode, Fh, FileKind, LockKind, LockSpec, OpenFlags, RenameFlags, SetAttr, StatFs, Timestamp,
+    WireError, WirePath, MAX_DATA_BYTES,
 };
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -19,6 +19,7 @@ use super::attr::Owner;
 use super::cache::{AttrCache, Cached};
 use super::handles::{DirSnapshot, Handles};
 use super::inodes::{InodeTable, ROOT_INO};
+use super::prefetch::{Prefetch, LISTING_PAGE, READ_AHEAD_DIRS};
 use super::writes::WriteBehind;
 use crate::client::Client;
 
@@ -62,6 +63,8 @@ pub struct Remote {
     pub hits: Hits,
     /// Writes answered and still on their way (write-behind).
     pub writes: WriteBehind,
+    /// Listings being fetched (read-ahead and lookups), see [`Prefetch`].
+    pub prefetch: Prefetch,
 }
 
 /// Counts of requests answered without a round trip.
@@ -163,29 +166,36 @@ impl Remote {
 
     /// `lookup`: `None` is a negative entry (the kernel caches the absence for one TTL).
     pub async fn lookup(&self, parent: u64, name: &[u8]) -> R<Option<Entry>> {
-        let path = self.child(parent, name)?;
-        let mut attr = self.lookup_attr(&path).await?;
+        let dir = self.path(parent)?;
+        let path = dir.join(name).map_err(|e| code_errno(e.code()))?;
+        let mut attr = self.lookup_attr(&dir, &path).await?;
         // Writes still queued on the file would make its size look older than it is.
         if let Some(ino) = attr.map(|a| self.inodes.fuse_ino(a.ino)).filter(|i| self.writes.pending(*i)) {
             self.writes.settle(ino).await;
-            attr = self.lookup_attr(&path).await?;
+            attr = self.lookup_attr(&dir, &path).await?;
         }
         Ok(attr.map(|a| self.known(&path, &a)))
     }
 
-    async fn lookup_attr(&self, path: &WirePath) -> R<Option<Attr>> {
-        let generation = self.cache.generation();
-        match self.cache.get(path) {
-            Some(Cached::Present(a)) => {
-                Hits::add(&self.hits.lookup);
-                return Ok(Some(a));
-            }
-            Some(Cached::Absent) => {
-                Hits::add(&self.hits.lookup_absent);
-                return Ok(None);
-            }
-            None => {}
+    /// A name not in the cache costs its directory's listing (one page at most, which answers
+    /// the names that follow too), else a stat of the one name.
+    async fn lookup_attr(&self, dir: &WirePath, path: &WirePath) -> R<Option<Attr>> {
+        if let Some(answer) = self.cached_lookup(path) {
+            return Ok(answer);
         }
+        // Without a cache (`cache_ttl=0`) a listing would not be kept: stat the one name.
+        if !self.cache.ttl().is_zero() && !self.cache.is_complete_dir(dir) && !self.prefetch.is_big(dir) {
+            if self.prefetch.claim(dir) {
+                self.fetch_listing_page(dir).await;
+                self.prefetch.release(dir);
+            } else {
+                self.prefetch.wait(dir).await;
+            }
+            if let Some(answer) = self.cached_lookup(path) {
+                return Ok(answer);
+            }
+        }
+        let generation = self.cache.generation();
         match self.client.stat(path).await {
             Ok(a) => {
                 self.cache.put_fetched(path, &a, generation);
@@ -549,8 +559,12 @@ impl Remote {
     /// `opendir`: the whole listing, with attributes, is taken now and served from memory at
     /// stable offsets: from the cache when it holds the listing (no round trip), else from the
     /// server (one round trip per page), which the cache then keeps.
-    pub async fn opendir(&self, ino: u64) -> R<u64> {
+    pub async fn opendir(self: &Arc<Self>, ino: u64) -> R<u64> {
         let path = self.path(ino)?;
+        if self.cache.listing(&path).is_none() {
+            // A read-ahead of this directory in flight answers it soon.
+            self.prefetch.wait(&path).await;
+        }
         let entries = match self.cache.listing(&path) {
             Some(entries) => {
                 Hits::add(&self.hits.readdir);
@@ -563,7 +577,59 @@ impl Remote {
                 entries
             }
         };
+        self.read_ahead(&path, &entries);
         Ok(self.handles.open_dir(DirSnapshot { ino, parent_ino: ino, entries }))
+    }
+
+    /// An answer from the cache alone: `Some(None)` is a known absence.
+    fn cached_lookup(&self, path: &WirePath) -> Option<Option<Attr>> {
+        match self.cache.get(path)? {
+            Cached::Present(a) => {
+                Hits::add(&self.hits.lookup);
+                Some(Some(a))
+            }
+            Cached::Absent => {
+                Hits::add(&self.hits.lookup_absent);
+                Some(None)
+            }
+        }
+    }
+
+    /// Fetches one page of `dir`'s listing into the cache; a directory with more is remembered
+    /// as big and left to per-name stats. Errors are left to the caller's own request.
+    async fn fetch_listing_page(&self, dir: &WirePath) {
+        let generation = self.cache.generation();
+        match self.client.read_dir_page(dir, None, LISTING_PAGE).await {
+            Ok((entries, false)) => self.cache.put_listing(dir, &entries, generation),
+            Ok((_, true)) => self.prefetch.mark_big(dir),
+            Err(_) => {}
+        }
+    }
+
+    /// Directory read-ahead: the listings of up to [`READ_AHEAD_DIRS`] subdirectories of `dir`
+    /// not cached yet are fetched in the background, a bounded number at once.
+    fn read_ahead(self: &Arc<Self>, dir: &WirePath, entries: &[DirEntry]) {
+        if self.cache.ttl().is_zero() {
+            return;
+        }
+        let subdirs = entries
+            .iter()
+            .filter(|e| e.attr.kind == FileKind::Dir)
+            .filter_map(|e| dir.join(&e.name).ok())
+            .filter(|p| !self.cache.is_complete_dir(p) && !self.prefetch.is_big(p))
+            .filter(|p| self.prefetch.claim(p))
+            .take(READ_AHEAD_DIRS);
+        for sub in subdirs {
+            let me = self.clone();
+            tokio::spawn(async move {
+                if let Ok(_permit) = me.prefetch.slots.clone().acquire_owned().await {
+                    if !me.cache.is_complete_dir(&sub) {
+                        me.fetch_listing_page(&sub).await;
+                    }
+                }
+                me.prefetch.release(&sub);
+            });
+        }
     }
 
     pub async fn statfs(&self) -> R<StatFs> {

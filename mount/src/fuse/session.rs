@@ -64,6 +64,7 @@ pub async fn prepare(client: Client, options: &MountOptions) -> Result<Arc<Remot
         notifier: OnceLock::new(),
         hits: Default::default(),
         writes: Default::default(),
+        prefetch: Default::default(),
     }))
 }
 
