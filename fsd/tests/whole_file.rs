@@ -3,50 +3,13 @@
 //! followed, jail escapes refused, no temporary file ever left), GetFile and SyncFs.
 
 use bytes::Bytes;
-use fsd::home::{scan_usage, Homes};
-use fsd::ops::{AuthedSession, LockTable};
+use fsd::home::scan_usage;
+use fsd::ops::AuthedSession;
 use homefs_shared::{Attr, ErrorCode, FileKind, Request, Response, Timestamp, WirePath};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
-const SECRET: &[u8] = b"outside the jail";
-
-/// A storage root with an `outside` directory beside it holding a file no user may reach.
-struct Fixture {
-    homes: Homes,
-    tmp: tempfile::TempDir,
-}
-
-impl Fixture {
-    fn new() -> Fixture {
-        let tmp = tempfile::tempdir().expect("temp dir");
-        std::fs::create_dir(tmp.path().join("storage")).expect("storage root");
-        std::fs::create_dir(tmp.path().join("outside")).expect("outside dir");
-        std::fs::write(tmp.path().join("outside/secret"), SECRET).expect("outside file");
-        let homes = Homes::open_root(&tmp.path().join("storage")).expect("open root");
-        Fixture { homes, tmp }
-    }
-
-    async fn session(&self, user: &str, quota: u64) -> AuthedSession {
-        let home = self.homes.open(user, quota).await.expect("open home");
-        AuthedSession::new(home, Arc::new(LockTable::default()), 1)
-    }
-
-    fn home(&self, user: &str) -> PathBuf {
-        self.tmp.path().join("storage").join(user)
-    }
-
-    fn outside(&self) -> PathBuf {
-        self.tmp.path().join("outside")
-    }
-
-    fn assert_outside_untouched(&self) {
-        assert_eq!(std::fs::read(self.outside().join("secret")).expect("secret"), SECRET);
-        let names: Vec<_> =
-            std::fs::read_dir(self.outside()).expect("list").map(|e| e.expect("entry").file_name()).collect();
-        assert_eq!(names, vec!["secret"], "something appeared outside the jail");
-    }
-}
+mod ops_support;
+use ops_support::Fixture;
 
 fn p(s: &str) -> WirePath {
     WirePath::new(s.as_bytes().to_vec()).expect("valid path")
