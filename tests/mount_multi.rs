@@ -170,7 +170,7 @@ fn mount_changes_by_another_mount_are_seen_well_before_the_cache_ttl() {
     }
     let server = TestServer::start(name);
     server.add_user("alice", PASSWORD, None);
-    // A caches for 30 s (change notices on); every change below must reach it in under 5 s.
+    // A caches for 60 s (change notices on); every change below must reach it in under 5 s.
     let a = LoggedMount::new(&server, "alice", PASSWORD, "");
     assert!(a.notices_on(), "the server sends change notices; log:\n{}", a.log());
     let b = TestMount::new(&server, "alice", PASSWORD, "");

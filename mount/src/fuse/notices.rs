@@ -7,10 +7,11 @@
 //! lost notice must). One thread of its own applies the queue, because a kernel invalidation can
 //! wait on locks held by requests that the runtime is still answering (never on this thread's).
 //!
-//! TTL with notices: [`NOTIFIED_CACHE_TTL`], 30 s. Notices make staleness a matter of
+//! TTL with notices: [`NOTIFIED_CACHE_TTL`], 60 s. Notices make staleness a matter of
 //! milliseconds for every change made through the server; the TTL then only bounds what no notice
-//! reports: changes made directly on the server's disk. 30 s sits between sshfs's 20 s (no
-//! coherence at all) and NFS's `acdirmax` of 60 s, and an explicit `-o cache_ttl=S` still wins.
+//! reports: changes made directly on the server's disk. 60 s is NFS's `acdirmax` (NFS has no
+//! notices at all; sshfs trusts 20 s with none, rclone mount's `--dir-cache-time` is 5 min), and an
+//! explicit `-o cache_ttl=S` still wins.
 //! Without notices (an older fsd refuses `Subscribe`) the mount keeps its short TTL.
 
 use bytes::Bytes;
@@ -29,7 +30,7 @@ use super::ops::Remote;
 use crate::client::{Notice, NoticeFn};
 
 /// The cache TTL while the server sends change notices (see the module doc).
-pub const NOTIFIED_CACHE_TTL: Duration = Duration::from_secs(30);
+pub const NOTIFIED_CACHE_TTL: Duration = Duration::from_secs(60);
 /// Notices queued for the applying thread; past this, the next pass forgets everything.
 const QUEUE: usize = 4096;
 
