@@ -2,6 +2,7 @@
 mod concurrency;
 mod jail;
 mod login;
+mod mount_behind;
 mod mount_cli;
 mod mount_fsx;
 mod mount_model;

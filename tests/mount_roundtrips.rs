@@ -349,6 +349,34 @@ fn mount_listing_a_directory_reads_its_subdirectories_ahead() {
 }
 
 #[test]
+fn mount_read_ahead_slides_with_the_walk_through_a_wide_directory() {
+    let Some((_server, m)) =
+        logged_alice("mount_read_ahead_slides_with_the_walk_through_a_wide_directory", |s| tree_on_server(s, 50, 1))
+    else {
+        return;
+    };
+    // As the server lists them (sorted by bytes: d0, d1, d10, ...).
+    let mut names: Vec<String> = (0..50).map(|d| format!("d{d}")).collect();
+    names.sort();
+    let c0 = m.counts();
+    let readdirs_reach = |n: u64, what: &str| {
+        wait_until(Duration::from_secs(10), what, || delta(&c0, &m.counts(), "readdir") >= n);
+    };
+    // The home (for the lookup of `tree`), `tree`, and its first 32 subdirectories.
+    m.sh_ok("ls tree > /dev/null");
+    readdirs_reach(34, "the first 32 subdirectories to be read ahead");
+    // Opening the first subdirectory moves the window one on: the 33rd follows.
+    m.sh_ok(&format!("ls tree/{} > /dev/null", names[0]));
+    readdirs_reach(35, "the window to slide past the first 32 subdirectories");
+    // From the 21st on, the window reaches the end.
+    m.sh_ok(&format!("ls tree/{} > /dev/null", names[20]));
+    readdirs_reach(52, "the window to reach the last subdirectory");
+    assert_eq!(m.sh_ok("ls -lR tree | grep -c '^-'").trim(), "50");
+    let c1 = m.counts();
+    assert_eq!(delta(&c0, &c1, "readdir"), 52, "each directory listed once: {c1:?}");
+}
+
+#[test]
 fn mount_git_status_on_a_fresh_mount_lists_directories_instead_of_stating_files() {
     let name = "mount_git_status_on_a_fresh_mount_lists_directories_instead_of_stating_files";
     let Some((server, a)) = logged_alice(name, |_| ()) else { return };

@@ -324,6 +324,34 @@ impl LoggedMount {
         stdout_of_success(script, output_within(cmd, SHELL_TIMEOUT, script))
     }
 
+    /// The requests answered from the cache so far, by kind (`lookup`, `unlink_behind`, ...), as
+    /// of the last [`LoggedMount::counts`].
+    pub fn hits(&self) -> Counts {
+        let log = self.log();
+        let Some(line) = log.lines().rfind(|l| l.contains("counts so far")) else { return Counts::new() };
+        parse_field(line, "hits=", " notices=")
+    }
+
+    /// Unmounts and waits (bounded) for the daemon to exit; returns its log.
+    ///
+    /// # Panics
+    /// When unmounting fails or the daemon is still running 60 s later.
+    pub fn stop(&mut self) -> String {
+        if is_mounted(&self.path) {
+            mountpoint::unmount(&self.path, false).unwrap_or_else(|e| panic!("unmount {}: {e}", self.path.display()));
+        }
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            match self.child.try_wait() {
+                Ok(Some(_)) => break,
+                Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
+                Ok(None) => panic!("netmount -f still running 60 s after the unmount:\n{}", self.log()),
+                Err(e) => panic!("wait for netmount -f: {e}"),
+            }
+        }
+        self.log()
+    }
+
     /// The round trips so far, by kind: the daemon logs them on SIGUSR1.
     ///
     /// # Panics
@@ -351,9 +379,14 @@ impl LoggedMount {
 
 /// The `requests=` field of a "counts so far" log line: `kind=n` pairs up to the next field.
 fn parse_counts(line: &str) -> Counts {
-    let Some(start) = line.find("requests=") else { return Counts::new() };
-    let rest = &line[start + "requests=".len()..];
-    let end = rest.find(" hits=").unwrap_or(rest.len());
+    parse_field(line, "requests=", " hits=")
+}
+
+/// The `kind=n` pairs of a log line between `field` and `next`.
+fn parse_field(line: &str, field: &str, next: &str) -> Counts {
+    let Some(start) = line.find(field) else { return Counts::new() };
+    let rest = &line[start + field.len()..];
+    let end = rest.find(next).unwrap_or(rest.len());
     rest[..end]
         .split_whitespace()
         .filter_map(|kv| {

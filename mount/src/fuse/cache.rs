@@ -19,17 +19,28 @@
 //!
 //! Memory is bounded: at most [`MAX_ENTRIES`] entries and [`MAX_LISTED`] listed names; past
 //! either, expired ones go, then half of the rest (an arbitrary half: whatever goes is asked again).
+//!
+//! Unlinks answered before the server has them (`unlinks.rs`): the name is absent here at once,
+//! and its directory is marked *pending* until the server answers. Under the same lock as the
+//! maps, a listing or stat answer for that directory which was asked for before the last unlink
+//! in it was answered, or while one is still pending, is not stored: it may still hold the name.
 
 use homefs_shared::{Attr, DirEntry, Timestamp, WirePath};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use tokio::sync::{Notify, Semaphore};
 
 /// The most entries kept (about 200 bytes each: ~10 MiB), enough for the benchmark's trees.
 pub const MAX_ENTRIES: usize = 50_000;
 /// The most names kept in listings, all directories together (about 80 bytes each: ~4 MiB).
 pub const MAX_LISTED: usize = 50_000;
+/// Unlinks answered and not yet confirmed by the server, per mount; past it, an unlink waits.
+pub const MAX_UNLINKS_BEHIND: usize = 256;
+/// Directories whose last unlink-behind is remembered (see [`AttrCache::generation`]); past it,
+/// those with none pending are forgotten at once, and every fetch older than that is stale.
+const MAX_BEHIND_DIRS: usize = 4096;
 
 fn parent_of(path: &WirePath) -> Option<(WirePath, Vec<u8>)> {
     path.split_last().map(|(parent, name)| (parent, name.to_vec()))
@@ -66,15 +77,48 @@ struct Listing {
     until: Instant,
 }
 
+/// One directory's unlinks answered behind: names still pending (with how many), and the
+/// generation of its last unlink event (started or answered).
+#[derive(Debug, Default)]
+struct DirBehind {
+    names: HashMap<Vec<u8>, u32>,
+    last: u64,
+}
+
 #[derive(Debug, Default)]
 struct Maps {
     entries: HashMap<WirePath, Entry>,
     listings: HashMap<WirePath, Listing>,
     /// Names in all listings together.
     listed: usize,
+    /// Directories with unlinks answered behind (kept across [`AttrCache::clear`]).
+    behind: HashMap<WirePath, DirBehind>,
+    /// Fetches older than this generation are stale for every directory (`behind` was trimmed).
+    behind_floor: u64,
+    /// Unlinks pending in `behind`, all directories together.
+    pending: usize,
+    /// The generation of the latest change notice: fetches older than it are stale.
+    notice_at: u64,
 }
 
 impl Maps {
+    /// Forgets every entry and listing, but not what is pending on the server.
+    fn reset(&mut self) {
+        let (behind, behind_floor, notice_at, pending) =
+            (std::mem::take(&mut self.behind), self.behind_floor, self.notice_at, self.pending);
+        *self = Maps { behind, behind_floor, notice_at, pending, ..Maps::default() };
+    }
+
+    /// Whether an answer about `dir` (its listing, or one of its names) asked for at generation
+    /// `generation` may predate a change: a notice since, or an unlink in `dir` pending or since.
+    fn stale(&self, dir: Option<&WirePath>, generation: u64) -> bool {
+        self.notice_at > generation
+            || dir.is_some_and(|d| {
+                self.behind_floor > generation
+                    || self.behind.get(d).is_some_and(|b| b.last > generation || !b.names.is_empty())
+            })
+    }
+
     fn drop_listing(&mut self, dir: &WirePath) {
         if let Some(l) = self.listings.remove(dir) {
             self.listed -= l.names.len();
@@ -127,6 +171,10 @@ pub struct AttrCache {
     generation: AtomicU64,
     /// Guards the maps; held only for a map operation, never across an await.
     maps: Mutex<Maps>,
+    /// Woken whenever an unlink answered behind is confirmed (or failed).
+    unlinks_done: Notify,
+    /// Permits for unlinks answered behind ([`MAX_UNLINKS_BEHIND`]).
+    pub unlink_slots: Arc<Semaphore>,
 }
 
 impl AttrCache {
@@ -137,6 +185,8 @@ impl AttrCache {
             base_ttl: ttl,
             generation: AtomicU64::new(0),
             maps: Mutex::new(Maps::default()),
+            unlinks_done: Notify::new(),
+            unlink_slots: Arc::new(Semaphore::new(MAX_UNLINKS_BEHIND)),
         }
     }
 
@@ -155,11 +205,16 @@ impl AttrCache {
         self.ttl_nanos.store(ttl.as_nanos().min(u128::from(u64::MAX)) as u64, Ordering::Relaxed);
     }
 
-    /// The count of change notices applied so far. Read it before asking the server, and pass it
-    /// to [`AttrCache::put_fetched`] or [`AttrCache::put_listing`]: an answer that raced with a
-    /// notice may predate the change, and is not stored.
+    /// A counter of the changes an answer may race with: change notices, and this mount's
+    /// unlinks answered behind. Read it before asking the server, and pass it to
+    /// [`AttrCache::put_fetched`] or [`AttrCache::put_listing`]: an answer that raced with a
+    /// notice, or with an unlink in the same directory, may predate the change, and is not stored.
     pub fn generation(&self) -> u64 {
         self.generation.load(Ordering::Acquire)
+    }
+
+    fn bump(&self) -> u64 {
+        self.generation.fetch_add(1, Ordering::AcqRel) + 1
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Maps> {
@@ -217,8 +272,8 @@ impl AttrCache {
         let now = Instant::now();
         let until = now + ttl;
         let mut maps = self.lock();
-        // Checked under the lock: notices take it too, so none slips in between.
-        if self.generation() != generation {
+        // Checked under the lock: notices and unlinks take it too, so none slips in between.
+        if maps.stale(Some(dir), generation) {
             return;
         }
         maps.drop_listing(dir);
@@ -234,6 +289,24 @@ impl AttrCache {
                 maps.entries.insert(p, Entry { what: Cached::Present(e.attr), until });
             }
         }
+    }
+
+    /// The subdirectories of `dir` listed after `name` (the next `n` at most), if its listing and
+    /// their attributes are known: the window a sliding read-ahead keeps fetched.
+    pub fn subdirs_after(&self, dir: &WirePath, name: &[u8], n: usize) -> Vec<WirePath> {
+        use std::ops::Bound;
+        let now = Instant::now();
+        let maps = self.lock();
+        let Some(l) = maps.listings.get(dir).filter(|l| l.until > now) else { return Vec::new() };
+        l.names
+            .range::<[u8], _>((Bound::Excluded(name), Bound::Unbounded))
+            .filter_map(|(sub, ())| dir.join(sub).ok())
+            .filter(|p| {
+                matches!(maps.entries.get(p), Some(Entry { what: Cached::Present(a), until })
+                    if *until > now && a.kind == homefs_shared::FileKind::Dir)
+            })
+            .take(n)
+            .collect()
     }
 
     /// `dir` was just created through this mount: it is empty, and stays known for one TTL.
@@ -269,11 +342,16 @@ impl AttrCache {
         }
         let now = Instant::now();
         let mut maps = self.lock();
-        if generation.is_some_and(|g| g != self.generation()) {
+        let parent = parent_of(path).map(|(parent, _)| parent);
+        if generation.is_some_and(|g| maps.stale(parent.as_ref(), g)) {
             return;
         }
+        Self::insert_locked(&mut maps, path, what, now + ttl, now);
+    }
+
+    fn insert_locked(maps: &mut Maps, path: &WirePath, what: Cached, until: Instant, now: Instant) {
         maps.make_room_for_entries(1, now);
-        maps.entries.insert(path.clone(), Entry { what, until: now + ttl });
+        maps.entries.insert(path.clone(), Entry { what, until });
         let Some((parent, name)) = parent_of(path) else { return };
         if let Some(l) = maps.listings.get_mut(&parent) {
             let changed = match what {
@@ -344,7 +422,7 @@ impl AttrCache {
 
     fn drop_tree(maps: &mut Maps, path: &WirePath) {
         if path.is_root() {
-            *maps = Maps::default();
+            maps.reset();
             return;
         }
         maps.entries.retain(|p, _| !is_within(p, path));
@@ -360,7 +438,7 @@ impl AttrCache {
     /// no fetch in flight is stored.
     pub fn changed(&self, paths: &[WirePath]) {
         let mut maps = self.lock();
-        self.generation.fetch_add(1, Ordering::AcqRel);
+        maps.notice_at = self.bump();
         for path in paths {
             if path.is_root() {
                 maps.entries.remove(path);
@@ -392,8 +470,85 @@ impl AttrCache {
     /// Everything may be stale (notices were lost, or the connection was): forget it all.
     pub fn clear(&self) {
         let mut maps = self.lock();
-        self.generation.fetch_add(1, Ordering::AcqRel);
-        *maps = Maps::default();
+        maps.notice_at = self.bump();
+        maps.reset();
+    }
+
+    /// An unlink of `path` is answered before the server has it: the name is absent from now
+    /// on, and its directory pending until [`AttrCache::unlink_answered`].
+    pub fn unlink_started(&self, path: &WirePath) {
+        let Some((parent, name)) = parent_of(path) else { return };
+        let mut maps = self.lock();
+        let generation = self.bump();
+        let dir = maps.behind.entry(parent).or_default();
+        *dir.names.entry(name).or_default() += 1;
+        dir.last = generation;
+        maps.pending += 1;
+        let (ttl, now) = (self.ttl(), Instant::now());
+        if !ttl.is_zero() {
+            Self::insert_locked(&mut maps, path, Cached::Absent, now + ttl, now);
+        }
+    }
+
+    /// The server answered the unlink of `path` started by [`AttrCache::unlink_started`]. When it
+    /// failed, the name may exist after all: its entry, its directory's listing and attributes
+    /// go, so the next lookup asks the server. Wakes those waiting for it.
+    pub fn unlink_answered(&self, path: &WirePath, removed: bool) {
+        let Some((parent, name)) = parent_of(path) else { return };
+        {
+            let mut guard = self.lock();
+            let maps = &mut *guard;
+            let generation = self.bump();
+            if let Some(dir) = maps.behind.get_mut(&parent) {
+                if let Some(n) = dir.names.get_mut(&name) {
+                    *n -= 1;
+                    if *n == 0 {
+                        dir.names.remove(&name);
+                    }
+                    maps.pending -= 1;
+                }
+                dir.last = generation;
+            }
+            if !removed {
+                maps.entries.remove(path);
+                maps.entries.remove(&parent);
+                maps.drop_listing(&parent);
+            }
+            if maps.behind.len() > MAX_BEHIND_DIRS {
+                maps.behind.retain(|_, d| !d.names.is_empty());
+                maps.behind_floor = generation;
+            }
+        }
+        self.unlinks_done.notify_waiters();
+    }
+
+    /// Whether an unlink of `path` answered behind is still pending.
+    pub fn unlink_pending_at(&self, path: &WirePath) -> bool {
+        let Some((parent, name)) = parent_of(path) else { return false };
+        self.lock().behind.get(&parent).is_some_and(|d| d.names.contains_key(&name))
+    }
+
+    /// Whether an unlink answered behind is still pending on a path for which `which(dir, name)`.
+    pub fn unlinks_pending(&self, which: impl Fn(&WirePath, &[u8]) -> bool) -> bool {
+        let maps = self.lock();
+        maps.pending > 0 && maps.behind.iter().any(|(dir, d)| d.names.keys().any(|name| which(dir, name)))
+    }
+
+    /// Waits (at most `bound`) until no unlink answered behind is pending on a path for which
+    /// `which(dir, name)`. Returns false if it gave up.
+    pub async fn wait_for_unlinks(&self, bound: Duration, which: impl Fn(&WirePath, &[u8]) -> bool) -> bool {
+        let deadline = tokio::time::Instant::now() + bound;
+        loop {
+            let notified = self.unlinks_done.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if !self.unlinks_pending(&which) {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return false;
+            }
+        }
     }
 
     /// Entries and listed names held (for tests and the profile).
@@ -490,6 +645,64 @@ mod tests {
         assert!(c.get(&p("d/x")).is_some());
         c.clear();
         assert_eq!(c.get(&p("e")), None);
+    }
+
+    #[test]
+    fn an_unlink_behind_hides_the_name_and_stale_answers_about_its_directory() {
+        let c = AttrCache::new(Duration::from_secs(60));
+        c.put_listing(&p("d"), &[entry("a"), entry("b")], c.generation());
+        let before = c.generation();
+        c.unlink_started(&p("d/a"));
+        assert_eq!(c.get(&p("d/a")), Some(Cached::Absent));
+        assert_eq!(c.listing(&p("d")).map(|l| l.len()), Some(1));
+        assert!(c.unlinks_pending(|d, n| *d == p("d") && n == b"a"));
+        // A listing or stat asked for before (or while) the unlink is pending may hold the name.
+        c.put_listing(&p("d"), &[entry("a"), entry("b")], before);
+        c.put_fetched(&p("d/a"), &attr(), c.generation());
+        assert_eq!(c.get(&p("d/a")), Some(Cached::Absent));
+        // Another directory is not concerned.
+        c.put_fetched(&p("e/a"), &attr(), before);
+        assert!(c.get(&p("e/a")).is_some());
+        let during = c.generation();
+        c.unlink_answered(&p("d/a"), true);
+        assert!(!c.unlinks_pending(|_, _| true));
+        c.put_listing(&p("d"), &[entry("a"), entry("b")], during);
+        assert_eq!(c.get(&p("d/a")), Some(Cached::Absent), "asked before the answer: stale");
+        c.put_listing(&p("d"), &[entry("b")], c.generation());
+        assert_eq!(c.listing(&p("d")).map(|l| l.len()), Some(1));
+        // Pending unlinks survive a clear; a failed one forgets the name and the listing.
+        c.unlink_started(&p("d/b"));
+        c.clear();
+        assert!(c.unlinks_pending(|_, n| n == b"b"));
+        c.put_listing(&p("d"), &[entry("b")], c.generation());
+        c.unlink_answered(&p("d/b"), false);
+        assert_eq!(c.get(&p("d/b")), None);
+        assert!(!c.is_complete_dir(&p("d")));
+    }
+
+    #[tokio::test]
+    async fn waiters_wake_when_the_unlink_is_answered() {
+        let c = Arc::new(AttrCache::new(Duration::from_secs(60)));
+        c.unlink_started(&p("d/a"));
+        let w = c.clone();
+        let waiter =
+            tokio::spawn(async move { w.wait_for_unlinks(Duration::from_secs(30), |d, _| *d == p("d")).await });
+        tokio::task::yield_now().await;
+        assert!(!waiter.is_finished(), "the waiter returned with the unlink pending");
+        c.unlink_answered(&p("d/a"), true);
+        let done = tokio::time::timeout(Duration::from_secs(5), waiter).await.expect("woken").expect("joined");
+        assert!(done, "the wait gave up");
+        assert!(c.wait_for_unlinks(Duration::from_millis(1), |_, _| true).await, "nothing pending, yet it gave up");
+    }
+
+    #[test]
+    fn subdirs_after_a_name_are_the_next_directories_listed() {
+        let c = AttrCache::new(Duration::from_secs(60));
+        let dir = |n: &str| DirEntry { name: n.as_bytes().to_vec(), attr: Attr { kind: FileKind::Dir, ..attr() } };
+        c.put_listing(&p("t"), &[dir("a"), entry("b"), dir("c"), dir("d"), dir("e")], c.generation());
+        assert_eq!(c.subdirs_after(&p("t"), b"a", 2), vec![p("t/c"), p("t/d")]);
+        assert_eq!(c.subdirs_after(&p("t"), b"d", 5), vec![p("t/e")]);
+        assert!(c.subdirs_after(&p("u"), b"a", 5).is_empty());
     }
 
     #[test]

@@ -89,6 +89,17 @@ fn reply_entry(reply: ReplyEntry, ttl: Duration, r: Result<Entry, Errno>) {
     }
 }
 
+fn reply_lookup(reply: ReplyEntry, ttl: Duration, negative_ttl: Duration, r: Result<Option<Entry>, Errno>) {
+    match r {
+        Ok(Some((_, attr))) => reply.entry(&ttl, &attr, Generation(0)),
+        // The kernel keeps absences only briefly: a notice cannot name every one it holds
+        // (after a reconnect). Ours answer its next lookup without a round trip.
+        Ok(None) if !negative_ttl.is_zero() => reply.entry(&negative_ttl, &negative_attr(), Generation(0)),
+        Ok(None) => reply.error(Errno::ENOENT),
+        Err(e) => reply.error(e),
+    }
+}
+
 fn reply_empty(reply: ReplyEmpty, r: Result<(), Errno>) {
     match r {
         Ok(()) => reply.ok(),
@@ -146,17 +157,27 @@ impl Filesystem for HomeFs {
         Ok(())
     }
 
+    /// The session ended (unmounted): unlinks answered behind are sent before the process
+    /// goes (bounded by [`super::unlinks::WAIT_FOR_UNLINKS`]). Runs on the thread that ran the
+    /// session, outside the runtime.
+    fn destroy(&mut self) {
+        if tokio::runtime::Handle::try_current().is_ok() {
+            // Not expected (the session runs on its own threads); blocking here would panic.
+            return tracing::warn!("destroy inside the runtime: unlinks answered behind not awaited");
+        }
+        let remote = self.remote.clone();
+        self.rt.block_on(async move { remote.wait_for_all_unlinks().await });
+    }
+
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         let (name, ttl, negative_ttl) = (name_of(name), self.ttl(), self.remote.cache.negative_ttl());
+        // From the cache on this thread (`rm -rf`, `find` after the kernel forgot): no hop.
+        if let Some(answer) = self.remote.lookup_cached(parent.0, &name) {
+            self.count("lookup");
+            return reply_lookup(reply, ttl, negative_ttl, Ok(answer));
+        }
         self.spawn("lookup", move |r| async move {
-            match r.lookup(parent.0, &name).await {
-                Ok(Some((_, attr))) => reply.entry(&ttl, &attr, Generation(0)),
-                // The kernel keeps absences only briefly: a notice cannot name every one it holds
-                // (after a reconnect). Ours answer its next lookup without a round trip.
-                Ok(None) if !negative_ttl.is_zero() => reply.entry(&negative_ttl, &negative_attr(), Generation(0)),
-                Ok(None) => reply.error(Errno::ENOENT),
-                Err(e) => reply.error(e),
-            }
+            reply_lookup(reply, ttl, negative_ttl, r.lookup(parent.0, &name).await)
         });
     }
 
@@ -236,6 +257,11 @@ impl Filesystem for HomeFs {
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let name = name_of(name);
+        // Answered behind on this thread when nothing needs waiting for (unlinks.rs).
+        if self.remote.try_unlink_behind(&self.rt, parent.0, &name) {
+            self.count("unlink");
+            return reply.ok();
+        }
         self.spawn("unlink", move |r| async move { reply_empty(reply, r.unlink(parent.0, &name).await) });
     }
 
@@ -277,7 +303,10 @@ impl Filesystem for HomeFs {
         self.spawn("open", move |r| async move {
             r.writes.settle(ino.0).await;
             match r.open(ino.0, flags.0).await {
-                Ok((fh, open_flags)) => reply.opened(FileHandle(fh), open_flags),
+                Ok((fh, open_flags)) => {
+                    r.handles.file_opened(ino.0);
+                    reply.opened(FileHandle(fh), open_flags)
+                }
                 Err(e) => reply.error(e),
             }
         });
@@ -362,6 +391,7 @@ impl Filesystem for HomeFs {
         // A flock owner (`FUSE_RELEASE_FLOCK_UNLOCK`) is among the owners recorded for the
         // handle, so `release` unlocks it with the rest.
         let _ = lock_owner;
+        self.remote.handles.file_released(ino.0);
         let owners = self.remote.release_owners(fh.0);
         if owners.is_empty() {
             reply.ok();
@@ -469,9 +499,17 @@ impl Filesystem for HomeFs {
         reply.error(Errno::ENOTTY);
     }
 
-    fn fsyncdir(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
-        // Directory changes are made by the server's syscalls as they come; nothing is pending.
-        reply.ok();
+    fn fsyncdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+        // Directory changes are made by the server's syscalls as they come; only unlinks
+        // answered behind may still be on their way.
+        let Some(dir) = self.remote.inodes.path(ino.0) else { return reply.ok() };
+        if !self.remote.cache.unlinks_pending(|d, _| *d == dir) {
+            return reply.ok();
+        }
+        self.spawn("fsyncdir", move |r| async move {
+            r.wait_for_unlinks_in(&dir).await;
+            reply.ok()
+        });
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
@@ -506,7 +544,10 @@ impl Filesystem for HomeFs {
         let (name, ttl) = (name_of(name), self.ttl());
         self.spawn("create", move |r| async move {
             match r.create(parent.0, &name, mode, flags).await {
-                Ok(((_, attr), fh)) => reply.created(&ttl, &attr, Generation(0), FileHandle(fh), FopenFlags::empty()),
+                Ok(((ino, attr), fh)) => {
+                    r.handles.file_opened(ino);
+                    reply.created(&ttl, &attr, Generation(0), FileHandle(fh), FopenFlags::empty())
+                }
                 Err(e) => reply.error(e),
             }
         });

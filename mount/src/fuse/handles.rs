@@ -1,6 +1,7 @@
 //! Open-handle state the kernel does not keep for us: directory snapshots served to `readdir`
-//! at stable offsets, and which lock owners took locks through each open file (so `flush` and
-//! `release` only send an unlock when there is something to unlock).
+//! at stable offsets, which lock owners took locks through each open file (so `flush` and
+//! `release` only send an unlock when there is something to unlock), and how many files are
+//! open on each inode (an unlink of an open file is not answered behind).
 //!
 //! A file's FUSE handle is the client's [`homefs_shared::Fh`] number itself: the client keeps it
 //! valid across reconnects, so no table is needed for files.
@@ -28,6 +29,8 @@ pub struct Handles {
     dirs: Mutex<HashMap<u64, Arc<DirSnapshot>>>,
     /// Guards the lock owners that hold (or held) a lock through each file handle.
     lock_owners: Mutex<HashMap<u64, HashSet<u64>>>,
+    /// Guards the count of open file handles, by FUSE inode.
+    open_files: Mutex<HashMap<u64, u64>>,
 }
 
 impl Handles {
@@ -50,6 +53,27 @@ impl Handles {
     /// Drops a snapshot (`releasedir`).
     pub fn close_dir(&self, fh: u64) {
         self.dirs.lock().unwrap_or_else(|p| p.into_inner()).remove(&fh);
+    }
+
+    /// A file handle on `ino` was opened (`open`, `create`).
+    pub fn file_opened(&self, ino: u64) {
+        *self.open_files.lock().unwrap_or_else(|p| p.into_inner()).entry(ino).or_default() += 1;
+    }
+
+    /// A file handle on `ino` was released.
+    pub fn file_released(&self, ino: u64) {
+        let mut open = self.open_files.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = open.get_mut(&ino) {
+            *n -= 1;
+            if *n == 0 {
+                open.remove(&ino);
+            }
+        }
+    }
+
+    /// Whether a file handle on `ino` is open through this mount.
+    pub fn is_file_open(&self, ino: u64) -> bool {
+        self.open_files.lock().unwrap_or_else(|p| p.into_inner()).contains_key(&ino)
     }
 
     /// `owner` took a lock through `fh`.
@@ -88,6 +112,19 @@ mod tests {
         assert!(!h.take_lock_owner(3, 10));
         assert_eq!(h.take_all_lock_owners(3), vec![11]);
         assert!(h.take_all_lock_owners(3).is_empty());
+    }
+
+    #[test]
+    fn open_files_are_counted_per_inode() {
+        let h = Handles::new();
+        h.file_opened(7);
+        h.file_opened(7);
+        h.file_released(7);
+        assert!(h.is_file_open(7));
+        h.file_released(7);
+        assert!(!h.is_file_open(7));
+        h.file_released(7);
+        assert!(!h.is_file_open(7));
     }
 
     #[test]

@@ -123,6 +123,13 @@ impl InodeTable {
         }
     }
 
+    /// `path`, known to name inode `ino`, was unlinked through this mount (no scan of the table).
+    pub fn unlinked_ino(&self, ino: u64, path: &WirePath) {
+        if let Some(node) = self.lock().get_mut(&ino).filter(|n| n.path == *path) {
+            node.unlinked = true;
+        }
+    }
+
     /// `from` was renamed to `to` (which it replaced, if it existed): paths at or below `from`
     /// move below `to`.
     pub fn renamed(&self, from: &WirePath, to: &WirePath) {

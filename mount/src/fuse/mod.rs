@@ -8,6 +8,7 @@
 //! - [`daemon`]: going to the background once the mount is ready.
 //! - [`writes`]: write-behind, and the order and errors it must keep.
 //! - [`prefetch`]: listings in flight (directory read-ahead, lookups that fetch a listing).
+//! - [`unlinks`]: unlink-behind, and what waits for it.
 
 pub mod attr;
 pub mod cache;
@@ -22,4 +23,5 @@ pub mod options;
 pub mod prefetch;
 pub mod reads;
 pub mod session;
+pub mod unlinks;
 pub mod writes;

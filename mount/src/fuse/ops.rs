@@ -75,6 +75,8 @@ pub struct Hits {
     pub getattr: AtomicU64,
     pub readdir: AtomicU64,
     pub setattr: AtomicU64,
+    /// Unlinks answered before the server had them (`unlinks.rs`).
+    pub unlink_behind: AtomicU64,
 }
 
 impl Hits {
@@ -86,12 +88,13 @@ impl Hits {
     pub fn show(&self) -> String {
         let get = |n: &AtomicU64| n.load(Ordering::Relaxed);
         format!(
-            "lookup={} lookup_absent={} getattr={} readdir={} setattr={}",
+            "lookup={} lookup_absent={} getattr={} readdir={} setattr={} unlink_behind={}",
             get(&self.lookup),
             get(&self.lookup_absent),
             get(&self.getattr),
             get(&self.readdir),
-            get(&self.setattr)
+            get(&self.setattr),
+            get(&self.unlink_behind)
         )
     }
 }
@@ -101,7 +104,7 @@ impl Remote {
         self.inodes.path(ino).ok_or(Errno::ESTALE)
     }
 
-    fn child(&self, parent: u64, name: &[u8]) -> R<WirePath> {
+    pub(super) fn child(&self, parent: u64, name: &[u8]) -> R<WirePath> {
         self.path(parent)?.join(name).map_err(|e| code_errno(e.code()))
     }
 
@@ -126,7 +129,7 @@ impl Remote {
     }
 
     /// A file was added to or removed from `dir` through us (see [`AttrCache::touch_dir`]).
-    fn dir_touched(&self, dir: u64) {
+    pub(super) fn dir_touched(&self, dir: u64) {
         self.dir_touched_links(dir, 0);
     }
 
@@ -183,6 +186,8 @@ impl Remote {
         if let Some(answer) = self.cached_lookup(path) {
             return Ok(answer);
         }
+        // The server must have this mount's unlinks in `dir` before it is asked about it.
+        self.wait_for_unlinks_in(dir).await;
         // Without a cache (`cache_ttl=0`) a listing would not be kept: stat the one name.
         if !self.cache.ttl().is_zero() && !self.cache.is_complete_dir(dir) && !self.prefetch.is_big(dir) {
             if self.prefetch.claim(dir) {
@@ -277,6 +282,7 @@ impl Remote {
     pub async fn mkdir(&self, parent: u64, name: &[u8], mode: u32) -> R<Entry> {
         self.writable()?;
         let path = self.child(parent, name)?;
+        self.wait_for_unlinks_within(&path).await;
         let result = self.client.mkdir(&path, mode & 0o7777).await;
         let a = match result {
             Ok(a) => a,
@@ -300,6 +306,7 @@ impl Remote {
             return Err(Errno::EPERM);
         }
         let path = self.child(parent, name)?;
+        self.wait_for_unlinks_within(&path).await;
         let flags = OpenFlags { write: true, create: true, exclusive: true, ..OpenFlags::default() };
         let result = self.client.open(&path, flags, mode & 0o7777).await;
         self.dir_touched(parent);
@@ -311,21 +318,10 @@ impl Remote {
         Ok(self.entry(&path, &a))
     }
 
-    pub async fn unlink(&self, parent: u64, name: &[u8]) -> R<()> {
-        let path = self.child(parent, name)?;
-        let result = self.client.unlink(&path).await;
-        self.dir_touched(parent);
-        if let Err(e) = result {
-            self.cache.invalidate(&path);
-            return Err(errno(&e));
-        }
-        self.cache.put_absent(&path, None);
-        self.inodes.unlinked(&path);
-        Ok(())
-    }
-
     pub async fn rmdir(&self, parent: u64, name: &[u8]) -> R<()> {
         let path = self.child(parent, name)?;
+        // Its files unlinked behind must be gone first, or the server finds it not empty.
+        self.wait_for_unlinks_within(&path).await;
         if let Err(e) = self.client.rmdir(&path).await {
             self.cache.invalidate_tree(&path);
             self.dir_changed(parent);
@@ -349,6 +345,8 @@ impl Remote {
         if flags.noreplace && flags.exchange {
             return Err(Errno::EINVAL);
         }
+        self.wait_for_unlinks_within(&from).await;
+        self.wait_for_unlinks_within(&to).await;
         let result = self.client.rename(&from, &to, flags).await;
         let moved = self.cache.get(&from);
         self.cache.invalidate_tree(&from);
@@ -376,6 +374,7 @@ impl Remote {
     pub async fn symlink(&self, parent: u64, name: &[u8], target: &[u8]) -> R<Entry> {
         self.writable()?;
         let path = self.child(parent, name)?;
+        self.wait_for_unlinks_within(&path).await;
         let result = self.client.symlink(target, &path).await;
         self.dir_touched(parent);
         let a = match result {
@@ -389,6 +388,7 @@ impl Remote {
         self.writable()?;
         let from = self.path(ino)?;
         let to = self.child(new_parent, new_name)?;
+        self.wait_for_unlinks_within(&to).await;
         let result = self.client.link(&from, &to).await;
         self.dir_touched(new_parent);
         let a = match result {
@@ -436,6 +436,7 @@ impl Remote {
     pub async fn create(&self, parent: u64, name: &[u8], mode: u32, flags: i32) -> R<(Entry, u64)> {
         self.writable()?;
         let path = self.child(parent, name)?;
+        self.wait_for_unlinks_within(&path).await;
         let mut open_flags = open_flags(flags);
         open_flags.create = true;
         let result = self.client.open(&path, open_flags, mode & 0o7777).await;
@@ -465,10 +466,16 @@ impl Remote {
         tokio::spawn(async move {
             let result = me.client.write_attr(Fh(fh), offset, data).await;
             // The cache is brought up to date before the ticket goes, so whoever settles sees it.
+            // A file unlinked while open has no name: its path must not come back in the cache,
+            // and `fstat` answers from the inode's attributes.
+            let unlinked = me.inodes.is_unlinked(ino);
             match (&result, me.inodes.path(ino)) {
-                (Ok(a), Some(p)) if me.inodes.fuse_ino(a.ino) == ino => me.cache.put(&p, &ticket.merge(a)),
-                (_, Some(p)) => me.cache.invalidate_attr(&p),
-                (_, None) => {}
+                (Ok(a), _) if unlinked && me.inodes.fuse_ino(a.ino) == ino => {
+                    me.inodes.update_attr(ino, &ticket.merge(a));
+                }
+                (Ok(a), Some(p)) if !unlinked && me.inodes.fuse_ino(a.ino) == ino => me.cache.put(&p, &ticket.merge(a)),
+                (_, Some(p)) if !unlinked => me.cache.invalidate_attr(&p),
+                _ => {}
             }
             if let Err(e) = &result {
                 me.writes.failed(fh, errno(e));
@@ -497,13 +504,17 @@ impl Remote {
         } else {
             self.client.write(Fh(fh), offset, data).await.map(|_| None)
         };
-        let path = self.inodes.path(ino);
-        match (&result, &path) {
+        let unlinked = self.inodes.is_unlinked(ino);
+        match (&result, self.inodes.path(ino)) {
+            // Unlinked while open: no path to cache; `fstat` answers from the inode's attributes.
+            (Ok(Some(a)), _) if unlinked && self.inodes.fuse_ino(a.ino) == ino => {
+                self.inodes.update_attr(ino, a);
+            }
             // Only the cache: the inode keeps the attributes seen at open, so the next open
             // still compares against those (close-to-open, as before).
-            (Ok(Some(a)), Some(p)) if self.inodes.fuse_ino(a.ino) == ino => self.cache.put(p, a),
-            (_, Some(p)) => self.cache.invalidate_attr(p),
-            (_, None) => {}
+            (Ok(Some(a)), Some(p)) if !unlinked && self.inodes.fuse_ino(a.ino) == ino => self.cache.put(&p, a),
+            (_, Some(p)) if !unlinked => self.cache.invalidate_attr(&p),
+            _ => {}
         }
         result.map_err(|e| errno(&e))?;
         Ok(len)
@@ -562,6 +573,7 @@ impl Remote {
     pub async fn opendir(self: &Arc<Self>, ino: u64) -> R<u64> {
         let path = self.path(ino)?;
         if self.cache.listing(&path).is_none() {
+            self.wait_for_unlinks_in(&path).await;
             // A read-ahead of this directory in flight answers it soon.
             self.prefetch.wait(&path).await;
         }
@@ -578,7 +590,25 @@ impl Remote {
             }
         };
         self.read_ahead(&path, &entries);
+        self.read_ahead_siblings(&path);
         Ok(self.handles.open_dir(DirSnapshot { ino, parent_ino: ino, entries }))
+    }
+
+    /// `lookup` answered from the cache alone, on the caller's (FUSE) thread: `None` when it
+    /// needs the runtime (not cached, or writes queued on the file would make its size old).
+    pub fn lookup_cached(&self, parent: u64, name: &[u8]) -> Option<Option<Entry>> {
+        let path = self.child(parent, name).ok()?;
+        match self.cache.get(&path)? {
+            Cached::Present(a) if self.writes.pending(self.inodes.fuse_ino(a.ino)) => None,
+            Cached::Present(a) => {
+                Hits::add(&self.hits.lookup);
+                Some(Some(self.known(&path, &a)))
+            }
+            Cached::Absent => {
+                Hits::add(&self.hits.lookup_absent);
+                Some(None)
+            }
+        }
     }
 
     /// An answer from the cache alone: `Some(None)` is a known absence.
@@ -619,9 +649,32 @@ impl Remote {
             .filter(|p| !self.cache.is_complete_dir(p) && !self.prefetch.is_big(p))
             .filter(|p| self.prefetch.claim(p))
             .take(READ_AHEAD_DIRS);
+        self.fetch_ahead(subdirs);
+    }
+
+    /// The sliding window: a walk (`ls -R`, `find`) that opens `dir` goes on to its next
+    /// siblings, so the [`READ_AHEAD_DIRS`] subdirectories of its parent listed after it are
+    /// kept fetched (those not cached or in flight yet), not only the parent's first ones.
+    fn read_ahead_siblings(self: &Arc<Self>, dir: &WirePath) {
+        if self.cache.ttl().is_zero() {
+            return;
+        }
+        let Some((parent, name)) = dir.split_last() else { return };
+        let window = self.cache.subdirs_after(&parent, name, READ_AHEAD_DIRS);
+        let subdirs = window
+            .into_iter()
+            .filter(|p| !self.cache.is_complete_dir(p) && !self.prefetch.is_big(p))
+            .filter(|p| self.prefetch.claim(p));
+        self.fetch_ahead(subdirs);
+    }
+
+    /// Fetches each of `subdirs` (claimed by the caller) in the background, a bounded number
+    /// at once.
+    fn fetch_ahead(self: &Arc<Self>, subdirs: impl Iterator<Item = WirePath>) {
         for sub in subdirs {
             let me = self.clone();
             tokio::spawn(async move {
+                me.wait_for_unlinks_in(&sub).await;
                 if let Ok(_permit) = me.prefetch.slots.clone().acquire_owned().await {
                     if !me.cache.is_complete_dir(&sub) {
                         me.fetch_listing_page(&sub).await;
@@ -632,7 +685,9 @@ impl Remote {
         }
     }
 
+    /// `statfs`, once the unlinks answered behind are done (`df` shows the space they free).
     pub async fn statfs(&self) -> R<StatFs> {
+        self.wait_for_all_unlinks().await;
         self.client.statfs().await.map_err(|e| errno(&e))
     }
 
