@@ -4,6 +4,8 @@
 //! ```text
 //! reader (this task) --spawn--> one task per request --(bounded channel)--> writer task --> TLS
 //!                                 notice task (after Subscribe) --^  (id 0, one frame queued at most)
+//!                    --spawn_blocking--> a Read: pread, then the answer written to TLS directly
+//!                                        when the writer is idle, else queued (`ReadNow`)
 //! ```
 //! `Subscribe` and requests with the reserved id 0 are the session layer's: the first starts the
 //! connection's notice task (PROTOCOL.md, "Change notices"), the second is refused (`Protocol`).
@@ -13,7 +15,9 @@
 //! 64 KiB whose bytes are in the page cache (`RWF_NOWAIT`) are answered by the reader itself;
 //! anything else (or on any error) goes the usual way. For a 4 KiB read or a stat that was three
 //! to four context switches of fsd per request, now one (`round_trip_rate` in
-//! tests/session_protocol.rs measures it).
+//! tests/session_protocol.rs measures it). A Read that must wait for the disk goes to one
+//! blocking-pool thread that also writes its answer ([`ReadNow`]): a cold 4 KiB read costs fsd
+//! about 3 context switches instead of 6.
 //! Back-pressure: a request takes a session permit before it is read; its task keeps the permit
 //! until its answer is queued. A client that stops reading fills the writer's queue, the tasks
 //! wait with their permits, and the reader stops reading that client: nothing grows without
@@ -36,11 +40,12 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, BufWriter};
 use tokio::net::TcpStream;
-use tokio::sync::mpsc::{self, error::TryRecvError};
+use tokio::sync::mpsc;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::Instant;
 use tokio_util::codec::FramedRead;
+use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn, Instrument};
 
 use crate::accounts::Login;
@@ -60,6 +65,10 @@ pub const WRITER_QUEUE: usize = 16;
 /// The writer's buffer: many small answers go out in one TLS record batch; large data passes
 /// through without being copied into it.
 pub const WRITE_BUFFER_BYTES: usize = 256 << 10;
+
+/// How long a session's end waits, after cancelling its requests at the deadline, for blocking
+/// reads that cannot be cancelled.
+const ABORT_GRACE: Duration = Duration::from_secs(1);
 
 /// An answer, the data that follows it in its frame, and what it holds until it is written: the
 /// share of the server's read budget its data holds, or a notice frame's queue slot.
@@ -108,9 +117,8 @@ pub async fn run(
     let (read_half, write_half) = tokio::io::split(tls);
     let mut frames = FramedRead::new(read_half, FrameCodec::new(limits.max_frame_bytes));
     let (tx, rx) = mpsc::channel::<Answer>(WRITER_QUEUE);
-    let writer = tokio::spawn(
-        write_answers(write_half, rx, limits.max_frame_bytes, limits.write_timeout_secs).in_current_span(),
-    );
+    let out = Arc::new(AnswerOut::new(Box::new(write_half), limits.max_frame_bytes, limits.write_timeout_secs));
+    let writer = tokio::spawn(write_answers(out.clone(), rx).in_current_span());
 
     let mut requests = 0u64;
     let end = match greet_and_login(&mut frames, &tx, &state, peer, id, &mut shutdown).await {
@@ -118,7 +126,8 @@ pub async fn run(
         Ok((authed, _user_permit)) => {
             let mut tasks = JoinSet::new();
             let mut notices = None;
-            let mut session = Serving { tasks: &mut tasks, notices: &mut notices, requests: &mut requests };
+            let mut session =
+                Serving { tasks: &mut tasks, notices: &mut notices, requests: &mut requests, out: out.clone() };
             let end = serve_requests(&mut frames, &tx, &state, &authed, &mut session, &mut shutdown).await;
             drop(frames);
             // Unsubscribes (the task owns the subscription) and lets go of its writer sender.
@@ -132,7 +141,13 @@ pub async fn run(
             if tokio::time::timeout_at(finish_by, drain(&mut tasks)).await.is_err() {
                 warn!(left = tasks.len(), "in-flight requests still running at the deadline; cancelling them");
                 tasks.abort_all();
-                drain(&mut tasks).await;
+                // Aborted tasks end at once; a read on a blocking thread (`ReadNow`) cannot be
+                // aborted and may be stuck in the disk: it is left to finish on its own (it holds
+                // its handle, and its answer goes nowhere once the writer is gone).
+                if tokio::time::timeout(ABORT_GRACE, drain(&mut tasks)).await.is_err() {
+                    warn!(left = tasks.len(), "blocking reads still running; not waiting for them");
+                    tasks.detach_all();
+                }
             }
             authed.end().await;
             end
@@ -294,6 +309,8 @@ struct Serving<'a> {
     notices: &'a mut Option<JoinHandle<()>>,
     /// Requests read, for the log.
     requests: &'a mut u64,
+    /// The write half, for answers written by the thread that made them.
+    out: Arc<AnswerOut>,
 }
 
 /// After login: reads requests and hands each to its own task, until the connection ends.
@@ -305,7 +322,7 @@ async fn serve_requests<R: AsyncRead + Unpin>(
     serving: &mut Serving<'_>,
     shutdown: &mut Shutdown,
 ) -> End {
-    let Serving { tasks, notices, requests } = serving;
+    let Serving { tasks, notices, requests, out } = serving;
     let limits = &state.config.limits;
     let in_flight = Arc::new(Semaphore::new(limits.max_in_flight_per_session));
     loop {
@@ -417,6 +434,22 @@ async fn serve_requests<R: AsyncRead + Unpin>(
                 continue;
             }
         }
+        // Any other Read whose share of the read budget is free at once: one blocking thread
+        // reads, then writes (or queues) the answer itself (`ReadNow`).
+        if let Request::Read { fh, offset, len } = header.request {
+            let units = data_budget_units(len.min(homefs_shared::MAX_DATA_BYTES) as usize);
+            let held = match units {
+                None => Ok(None),
+                Some(units) => state.read_budget.clone().try_acquire_many_owned(units).map(Some),
+            };
+            if let Ok(held) = held {
+                let read = ReadNow { id, fh, offset, len, held, permit };
+                let (tx, authed, out) = (tx.downgrade(), authed.clone(), out.clone());
+                let span = tracing::Span::current();
+                tasks.spawn_blocking(move || span.in_scope(|| read.run(&authed, &out, &tx)));
+                continue;
+            }
+        }
         let (tx, authed) = (tx.clone(), authed.clone());
         let read_units = match header.request {
             Request::Read { len, .. } => data_budget_units(len.min(homefs_shared::MAX_DATA_BYTES) as usize),
@@ -482,6 +515,51 @@ async fn send_notices(subscription: Subscription, tx: mpsc::Sender<Answer>) {
     }
 }
 
+/// A `Read` answered on a blocking-pool thread from start to finish: the thread reads (waiting
+/// for the disk if it must) and writes the answer to the connection itself when the writer is
+/// idle (else queues it for the writer). The usual path goes reader -> request task -> blocking
+/// pool -> request task -> writer: with a multi-thread runtime, the wake-up from the blocking
+/// thread also wakes a second worker (tokio keeps one searching), so a 4 KiB read that missed
+/// the page cache cost fsd 5-6 context switches, more time than the disk took.
+struct ReadNow {
+    id: RequestId,
+    fh: Fh,
+    offset: u64,
+    len: u32,
+    /// The read's share of the server's read budget, given back once its data is written.
+    held: Option<OwnedSemaphorePermit>,
+    /// The session's in-flight permit, kept until the answer is queued.
+    permit: OwnedSemaphorePermit,
+}
+
+impl ReadNow {
+    /// Call on a blocking-pool thread (`blocking_send` and `block_on` panic on a runtime thread).
+    /// The queue is held weakly while reading, so that a read stuck in the disk does not keep
+    /// the writer (and the session's end) waiting; once the session has let go of the queue, the
+    /// answer is dropped. The wait for room in the queue is bounded by the writer: it drains the
+    /// queue or, when a write times out or fails, ends and drops it, which ends the wait.
+    fn run(self, authed: &AuthedSession, out: &AnswerOut, tx: &mpsc::WeakSender<Answer>) {
+        let ReadNow { id, fh, offset, len, held, permit } = self;
+        let outcome =
+            std::panic::catch_unwind(AssertUnwindSafe(|| crate::ops::file::read_now(authed, fh, offset, len)));
+        let (result, data) = match outcome {
+            Ok(Ok((response, data))) => (Ok(response), data),
+            Ok(Err(e)) => (Err(e), Bytes::new()),
+            Err(_) => {
+                error!(id = id.0, "read panicked");
+                (Err(WireError::new(ErrorCode::Io, "internal server error")), Bytes::new())
+            }
+        };
+        let Some(tx) = tx.upgrade() else { return };
+        let answer = (ResponseHeader { id, result }, data, held);
+        if let Some(answer) = out.write_now(&tx, answer) {
+            // Fails only when the writer is gone; the reader notices that itself.
+            let _ = tx.blocking_send(answer);
+        }
+        drop(permit);
+    }
+}
+
 /// A cached small read, answered at once with its share of the read budget (taken without
 /// waiting); `None` when it must go through the request's task.
 fn read_cached(
@@ -520,47 +598,115 @@ fn request_kind(r: &Request) -> &'static str {
     }
 }
 
-/// The writer task: sends answers in the order they are queued, flushing whenever the queue is
-/// empty; each write and flush is bounded by `write_timeout`. Ends when every sender is gone (after
-/// a flush and TLS close_notify) or on the first failed write.
-async fn write_answers<W: AsyncWrite + Unpin>(
-    w: W,
-    mut rx: mpsc::Receiver<Answer>,
+/// The session's write half, shared by the writer task and the blocking threads that write a
+/// `Read`'s answer themselves ([`AnswerOut::write_now`]). The async `Mutex` makes one frame at a
+/// time go out whole; the writer task holds it while it empties its queue.
+struct AnswerOut {
+    /// `None` once a write failed or timed out: the stream may end in half a frame, so nothing
+    /// may follow it.
+    out: tokio::sync::Mutex<Option<BufWriter<BoxedWrite>>>,
+    /// Cancelled when a direct write failed, so that the writer task ends (and with it, through
+    /// its dropped queue, the session).
+    broken: CancellationToken,
     max_frame_bytes: u32,
     write_timeout: Duration,
-) -> io::Result<()> {
-    let mut out = BufWriter::with_capacity(WRITE_BUFFER_BYTES, w);
-    loop {
-        // `_budget` is the answer's read-budget share, given back once its data is written.
-        let (header, data, _budget) = match rx.try_recv() {
-            Ok(answer) => answer,
-            Err(TryRecvError::Empty) => {
-                with_timeout(out.flush(), "flush", write_timeout).await?;
-                match rx.recv().await {
-                    Some(answer) => answer,
-                    None => break,
-                }
-            }
-            Err(TryRecvError::Disconnected) => break,
-        };
-        let written = tokio::time::timeout(write_timeout, write_frame(&mut out, &header, &data, max_frame_bytes)).await;
-        match written {
-            Err(_) => return Err(io::Error::new(io::ErrorKind::TimedOut, "write timed out")),
-            Ok(Ok(())) => {}
-            Ok(Err(FrameError::TooLong { len, max })) => {
-                // Nothing was written; the client still gets an answer for its id.
-                error!(id = header.id.0, len, max, "answer too large for a frame");
-                let err =
-                    ResponseHeader { id: header.id, result: Err(WireError::new(ErrorCode::Io, "answer too large")) };
-                let again = write_frame(&mut out, &err, &[], max_frame_bytes);
-                with_timeout(async { again.await.map_err(io::Error::other) }, "write", write_timeout).await?;
-            }
-            Ok(Err(FrameError::Io(e))) => return Err(e),
-            Ok(Err(e)) => return Err(io::Error::other(e)),
+}
+
+type BoxedWrite = Box<dyn AsyncWrite + Send + Unpin>;
+
+/// The largest answer data a blocking thread writes itself. A small answer waits on the hops
+/// (writing it is quick); a large one may fill the socket, and a blocking thread waiting for room
+/// (through the runtime's I/O driver) holds the write half from the writer task, which batches
+/// large answers better: those are queued.
+const DIRECT_WRITE_MAX: usize = CACHED_READ_MAX as usize;
+
+impl AnswerOut {
+    fn new(w: BoxedWrite, max_frame_bytes: u32, write_timeout: Duration) -> AnswerOut {
+        AnswerOut {
+            out: tokio::sync::Mutex::new(Some(BufWriter::with_capacity(WRITE_BUFFER_BYTES, w))),
+            broken: CancellationToken::new(),
+            max_frame_bytes,
+            write_timeout,
         }
     }
-    with_timeout(out.flush(), "flush", write_timeout).await?;
-    with_timeout(out.shutdown(), "close", write_timeout).await
+
+    /// On a blocking-pool thread: writes and flushes a small `answer` here when nothing is queued
+    /// for the writer task and it is idle, so it goes out exactly when it would have from the
+    /// queue, without waking a runtime thread. Gives the answer back otherwise (`Some`). Answers
+    /// carry their ids, so one written here ahead of one queued a moment later is in order for
+    /// the client.
+    fn write_now(&self, queue: &mpsc::Sender<Answer>, answer: Answer) -> Option<Answer> {
+        if answer.1.len() > DIRECT_WRITE_MAX || queue.capacity() != WRITER_QUEUE {
+            return Some(answer);
+        }
+        let Ok(mut guard) = self.out.try_lock() else { return Some(answer) };
+        let Some(out) = guard.as_mut() else { return Some(answer) };
+        let Ok(rt) = tokio::runtime::Handle::try_current() else { return Some(answer) };
+        let (max, limit) = (self.max_frame_bytes, self.write_timeout);
+        let written = rt.block_on(async {
+            write_answer(out, answer, max, limit).await?;
+            with_timeout(out.flush(), "flush", limit).await
+        });
+        if let Err(e) = written {
+            debug!(error = %e, "writing an answer failed; closing the connection");
+            *guard = None;
+            self.broken.cancel();
+        }
+        None
+    }
+}
+
+/// Writes one answer into the buffer; its read-budget share is given back once its data is.
+async fn write_answer(out: &mut BufWriter<BoxedWrite>, answer: Answer, max: u32, limit: Duration) -> io::Result<()> {
+    let (header, data, _budget) = answer;
+    let written = tokio::time::timeout(limit, write_frame(out, &header, &data, max)).await;
+    match written {
+        Err(_) => Err(io::Error::new(io::ErrorKind::TimedOut, "write timed out")),
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(FrameError::TooLong { len, max })) => {
+            // Nothing was written; the client still gets an answer for its id.
+            error!(id = header.id.0, len, max, "answer too large for a frame");
+            let err = ResponseHeader { id: header.id, result: Err(WireError::new(ErrorCode::Io, "answer too large")) };
+            let again = write_frame(out, &err, &[], max);
+            with_timeout(async { again.await.map_err(io::Error::other) }, "write", limit).await
+        }
+        Ok(Err(FrameError::Io(e))) => Err(e),
+        Ok(Err(e)) => Err(io::Error::other(e)),
+    }
+}
+
+/// The writer task: sends answers in the order they are queued, flushing whenever the queue is
+/// empty; each write and flush is bounded by `write_timeout`. Ends when every sender is gone (after
+/// a flush and TLS close_notify), on the first failed write, or when a direct write failed.
+async fn write_answers(out: Arc<AnswerOut>, mut rx: mpsc::Receiver<Answer>) -> io::Result<()> {
+    let broken = || io::Error::new(io::ErrorKind::BrokenPipe, "a direct write failed");
+    let (max, limit) = (out.max_frame_bytes, out.write_timeout);
+    loop {
+        let first = tokio::select! {
+            _ = out.broken.cancelled() => return Err(broken()),
+            answer = rx.recv() => answer,
+        };
+        let Some(first) = first else { break };
+        let mut guard = out.out.lock().await;
+        let Some(w) = guard.as_mut() else { return Err(broken()) };
+        let mut next = Some(first);
+        let result = async {
+            while let Some(answer) = next.take() {
+                write_answer(w, answer, max, limit).await?;
+                next = rx.try_recv().ok();
+            }
+            with_timeout(w.flush(), "flush", limit).await
+        }
+        .await;
+        if let Err(e) = result {
+            *guard = None;
+            return Err(e);
+        }
+    }
+    let mut guard = out.out.lock().await;
+    let Some(w) = guard.as_mut() else { return Err(broken()) };
+    with_timeout(w.flush(), "flush", limit).await?;
+    with_timeout(w.shutdown(), "close", limit).await
 }
 
 /// Bounds one phase; the error names the phase (tokio-rustls examples' `with_timeout`).
@@ -572,5 +718,86 @@ async fn with_timeout<T>(
     match tokio::time::timeout(limit, fut).await {
         Ok(r) => r,
         Err(_) => Err(io::Error::new(io::ErrorKind::TimedOut, format!("{phase} timed out after {limit:?}"))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use homefs_shared::MAX_FRAME_BYTES;
+    use std::collections::HashMap;
+
+    fn answer(i: u64) -> Answer {
+        let data = Bytes::from(vec![i as u8; 1000 + i as usize * 37]);
+        (ResponseHeader { id: RequestId(i), result: Ok(Response::Data { size: i }) }, data, None)
+    }
+
+    /// The client's side: every answer until the stream ends, by id, checked against [`answer`].
+    async fn read_answers(client: tokio::io::DuplexStream) -> HashMap<u64, usize> {
+        let mut frames = FramedRead::new(client, FrameCodec::new(MAX_FRAME_BYTES));
+        let mut seen = HashMap::new();
+        while let Some(frame) = frames.next().await {
+            let frame = frame.expect("a whole frame");
+            let header = frame.response().expect("an answer");
+            let (_, want, _) = answer(header.id.0);
+            assert_eq!(header.result, Ok(Response::Data { size: header.id.0 }), "answer {}", header.id.0);
+            assert_eq!(frame.data, want, "data of answer {}", header.id.0);
+            *seen.entry(header.id.0).or_insert(0) += 1;
+        }
+        seen
+    }
+
+    /// Answers written by blocking threads themselves and answers queued for the writer task, at
+    /// the same time, reach the client whole: each id once, with its own data.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn direct_and_queued_answers_arrive_whole() {
+        let (client, server) = tokio::io::duplex(64 << 10);
+        let out = Arc::new(AnswerOut::new(Box::new(server), MAX_FRAME_BYTES, Duration::from_secs(10)));
+        let (tx, rx) = mpsc::channel(WRITER_QUEUE);
+        let writer = tokio::spawn(write_answers(out.clone(), rx));
+        let reading = tokio::spawn(read_answers(client));
+        // Nothing queued and the writer idle: every answer goes out directly.
+        let (o, t) = (out.clone(), tx.clone());
+        let direct =
+            tokio::task::spawn_blocking(move || (1..=50).filter(|&i| o.write_now(&t, answer(i)).is_none()).count());
+        assert_eq!(direct.await.expect("thread"), 50, "answers written by the thread that made them");
+        // Now both ways at once, from four threads.
+        let mut threads = Vec::new();
+        for t in 0..4u64 {
+            let (out, tx) = (out.clone(), tx.clone());
+            threads.push(tokio::task::spawn_blocking(move || {
+                for i in (100 + t * 100)..(200 + t * 100) {
+                    let queued = if t % 2 == 0 { out.write_now(&tx, answer(i)) } else { Some(answer(i)) };
+                    if let Some(a) = queued {
+                        tx.blocking_send(a).expect("writer alive");
+                    }
+                }
+            }));
+        }
+        for t in threads {
+            t.await.expect("thread");
+        }
+        drop(tx);
+        tokio::time::timeout(Duration::from_secs(10), writer).await.expect("writer ends").expect("task").expect("ok");
+        let seen = tokio::time::timeout(Duration::from_secs(10), reading).await.expect("reader ends").expect("task");
+        assert_eq!(seen.len(), 450);
+        assert!(seen.values().all(|&n| n == 1), "each answer exactly once");
+    }
+
+    /// A direct write that fails (the client went) ends the writer task, which closes the queue
+    /// and so ends the session; the answer is not queued again.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failed_direct_write_ends_the_writer() {
+        let (client, server) = tokio::io::duplex(1 << 10);
+        drop(client);
+        let out = Arc::new(AnswerOut::new(Box::new(server), MAX_FRAME_BYTES, Duration::from_secs(10)));
+        let (tx, rx) = mpsc::channel(WRITER_QUEUE);
+        let writer = tokio::spawn(write_answers(out.clone(), rx));
+        let (o, t) = (out.clone(), tx.clone());
+        let taken = tokio::task::spawn_blocking(move || o.write_now(&t, answer(7)).is_none());
+        assert!(taken.await.expect("thread"), "the answer was taken (and its write failed)");
+        let ended = tokio::time::timeout(Duration::from_secs(10), writer).await.expect("writer ends").expect("task");
+        assert!(ended.is_err(), "the writer reports the broken stream");
+        tokio::time::timeout(Duration::from_secs(10), tx.closed()).await.expect("queue closed");
     }
 }

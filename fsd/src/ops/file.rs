@@ -2,7 +2,7 @@
 //! section ([`super::sizing`]).
 
 use bytes::{Bytes, BytesMut};
-use homefs_shared::{Attr, ErrorCode, OpenFlags, WirePath, MAX_DATA_BYTES};
+use homefs_shared::{Attr, ErrorCode, Fh, OpenFlags, Response, WireError, WirePath, MAX_DATA_BYTES};
 use rustix::fs::{Mode, OFlags};
 use rustix::io::{Errno, IoSliceMut, ReadWriteFlags};
 use std::os::fd::{AsFd, BorrowedFd};
@@ -82,6 +82,30 @@ pub fn read(handle: &Handle, offset: u64, len: u32) -> Result<(Bytes, u64), OpEr
     buf.truncate(done);
     let size = size_of(&rustix::fs::fstat(&handle.fd)?);
     Ok((buf.freeze(), size))
+}
+
+/// Read for the session layer, on the calling thread (a blocking-pool thread: it waits for the
+/// disk): what [`super::AuthedSession::handle`] answers to a `Read`, without the request's async
+/// task around it (`Read` changes nothing, so there is no change notice to publish). The session
+/// layer runs it on a blocking thread that also writes the answer (`session::ReadNow`), so a read
+/// that misses the page cache costs one hop to that thread, instead of reader -> task -> blocking
+/// pool -> task -> writer.
+///
+/// # Errors
+/// The code the client sees: `BadHandle` for a handle this session does not hold, else the errno.
+pub fn read_now(session: &super::AuthedSession, fh: Fh, offset: u64, len: u32) -> Result<(Response, Bytes), WireError> {
+    let read = session.handles.get(fh).map_err(OpError::from).and_then(|h| read(&h, offset, len));
+    match read {
+        Ok((bytes, size)) => Ok((Response::Data { size }, bytes)),
+        Err(e) => {
+            if e.code() == ErrorCode::Io {
+                tracing::warn!(user = session.user(), code = ?e.code(), error = %e, "request failed");
+            } else {
+                tracing::debug!(session = session.id(), code = ?e.code(), error = %e, "request failed");
+            }
+            Err(WireError::from(e))
+        }
+    }
 }
 
 /// Reads of at most this many bytes may be answered on the session's own task when the data is
