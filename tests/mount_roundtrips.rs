@@ -397,3 +397,34 @@ fn mount_git_status_on_a_fresh_mount_lists_directories_instead_of_stating_files(
     assert!(listings <= 40, "listings {listings}: {c1:?}");
     assert_eq!(b.sh_ok("cat r/d3/f7"), "37\n");
 }
+
+/// What the FUSE thread answers without a hop (a stat from the cache, a chown to ourselves, a mode
+/// set to what it is) must still come after this process's own queued writes, and cost nothing.
+#[test]
+fn mount_stat_and_no_op_setattr_after_a_write_see_the_write_without_a_request() {
+    let Some((_server, m)) =
+        logged_alice("mount_stat_and_no_op_setattr_after_a_write_see_the_write_without_a_request", |_| ())
+    else {
+        return;
+    };
+    m.sh_ok("mkdir w && echo x > w/f");
+    let script = "import os\n\
+                  fd = os.open('w/f', os.O_WRONLY | os.O_TRUNC)\n\
+                  for i in range(1, 51):\n\
+                  \x20   os.write(fd, b'y' * 1000)\n\
+                  \x20   assert os.fstat(fd).st_size == i * 1000, ('fstat', i, os.fstat(fd).st_size)\n\
+                  \x20   assert os.stat('w/f').st_size == i * 1000, ('stat', i)\n\
+                  \x20   os.fchown(fd, os.getuid(), os.getgid())\n\
+                  \x20   os.fchmod(fd, 0o644)\n\
+                  os.close(fd)\n\
+                  try:\n\
+                  \x20   os.chown('w/f', os.getuid() + 1, -1)\n\
+                  \x20   print('chown to another owner allowed')\n\
+                  except PermissionError:\n\
+                  \x20   print('EPERM')\n";
+    let c0 = m.counts();
+    assert_eq!(m.sh_ok(&format!("python3 -c \"{script}\"")).trim(), "EPERM");
+    let c1 = m.counts();
+    assert_eq!(delta(&c0, &c1, "setattr"), 0, "chown to ourselves and a mode set to what it is: {c1:?}");
+    assert_eq!(m.sh_ok("stat -c '%s %a' w/f"), "50000 644\n");
+}

@@ -1,6 +1,7 @@
 //! `impl fuser::Filesystem`: thin adapters only. Each callback copies its arguments, clones the
-//! `Arc<Remote>`, spawns a task on the one tokio runtime that owns the `Reply`, and returns; the
-//! work is in `ops.rs`. No callback blocks a FUSE thread on the network.
+//! `Arc<Remote>`, polls the op's future once on the FUSE thread and, if it has to wait, spawns it
+//! as a task on the one tokio runtime that owns the `Reply`, and returns; the work is in `ops.rs`.
+//! No callback blocks a FUSE thread on the network.
 
 use bytes::Bytes;
 use fuser::{
@@ -14,8 +15,11 @@ use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::future::Future;
 use std::os::unix::ffi::OsStrExt;
+use std::panic::AssertUnwindSafe;
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Waker};
 use std::time::{Duration, SystemTime};
 use tokio::runtime::Handle;
 
@@ -34,11 +38,13 @@ pub struct HomeFs {
     rt: Handle,
     /// FUSE requests by kind, for the profile logged at unmount.
     ops: Mutex<HashMap<&'static str, u64>>,
+    /// Requests handed to the runtime (a hop each); the rest were answered on the FUSE thread.
+    spawned: AtomicU64,
 }
 
 impl HomeFs {
     pub fn new(remote: Arc<Remote>, rt: Handle) -> HomeFs {
-        HomeFs { remote, rt, ops: Mutex::new(HashMap::new()) }
+        HomeFs { remote, rt, ops: Mutex::new(HashMap::new()), spawned: AtomicU64::new(0) }
     }
 
     fn count(&self, op: &'static str) {
@@ -56,7 +62,12 @@ impl HomeFs {
         self.remote.cache.ttl()
     }
 
-    /// Runs `f` on the runtime with the shared state; the task owns the reply.
+    /// Runs `f` with the shared state; the future owns the reply. It is polled once here, on
+    /// the FUSE thread (inside the runtime's context, never waiting): what completes without
+    /// waiting (a write queued behind, a no-op chown, a stat the cache answers once a queued
+    /// write settled) is answered with no hop, and a request's frame is sent from here. Only
+    /// what has to wait (an answer from the server, room in a queue) becomes a task on the
+    /// runtime, which polls it again at once, so a wake-up missed by this first poll is not lost.
     fn spawn<F, Fut>(&self, op: &'static str, f: F)
     where
         F: FnOnce(Arc<Remote>) -> Fut,
@@ -64,7 +75,21 @@ impl HomeFs {
     {
         tracing::debug!(op, "request");
         self.count(op);
-        self.rt.spawn(f(self.remote.clone()));
+        let mut task = Box::pin(f(self.remote.clone()));
+        let polled = {
+            let _runtime = self.rt.enter();
+            let mut cx = Context::from_waker(Waker::noop());
+            // As a task would: a panic fails this request (its reply, dropped, answers EIO), not the thread.
+            std::panic::catch_unwind(AssertUnwindSafe(|| task.as_mut().poll(&mut cx)))
+        };
+        match polled {
+            Ok(Poll::Ready(())) => {}
+            Ok(Poll::Pending) => {
+                self.spawned.fetch_add(1, Ordering::Relaxed);
+                self.rt.spawn(task);
+            }
+            Err(_) => tracing::error!(op, "request handler panicked"),
+        }
     }
 }
 
@@ -72,7 +97,8 @@ impl Drop for HomeFs {
     /// At unmount: the profile of the mount's life, FUSE requests and the round trips they cost.
     fn drop(&mut self) {
         let show = |v: Vec<(&str, u64)>| v.iter().map(|(k, n)| format!("{k}={n}")).collect::<Vec<_>>().join(" ");
-        tracing::info!(ops = %show(self.op_counts()), "FUSE requests served");
+        let spawned = self.spawned.load(Ordering::Relaxed);
+        tracing::info!(ops = %show(self.op_counts()), spawned, "FUSE requests served (spawned: handed to the runtime)");
         tracing::info!(hits = %self.remote.hits.show(), "answered from the cache");
         tracing::info!(requests = %show(self.remote.client.request_counts()), "requests sent to the server");
     }
@@ -188,6 +214,11 @@ impl Filesystem for HomeFs {
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
         let ttl = self.ttl();
+        // Fresh in the cache and no write queued (`stat` of a directory between creates): no hop.
+        if let Some(attr) = self.remote.getattr_cached(ino.0) {
+            self.count("getattr");
+            return reply.attr(&ttl, &attr);
+        }
         self.spawn("getattr", move |r| async move {
             r.writes.settle(ino.0).await;
             match r.getattr(ino.0).await {
@@ -218,6 +249,14 @@ impl Filesystem for HomeFs {
         let set =
             SetAttr { mode: mode.map(|m| m & 0o7777), size, atime: atime.map(set_time), mtime: mtime.map(set_time) };
         let ttl = self.ttl();
+        // A no-op for the server (`tar x`'s `fchown` to ourselves, a chmod to the same mode): no hop.
+        if let Some(answer) = self.remote.setattr_cached(ino.0, set, uid, gid) {
+            self.count("setattr");
+            return match answer {
+                Ok(attr) => reply.attr(&ttl, &attr),
+                Err(e) => reply.error(e),
+            };
+        }
         self.spawn("setattr", move |r| async move {
             r.writes.settle(ino.0).await;
             match r.setattr(ino.0, set, fh.map(|f| f.0), uid, gid).await {

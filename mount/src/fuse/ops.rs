@@ -217,11 +217,8 @@ impl Remote {
     /// `getattr`. A file unlinked while open answers from its last known attributes.
     pub async fn getattr(&self, ino: u64) -> R<FileAttr> {
         let path = self.path(ino)?;
-        if let Some(Cached::Present(a)) = self.cache.get(&path) {
-            if ino == ROOT_INO || self.inodes.fuse_ino(a.ino) == ino {
-                Hits::add(&self.hits.getattr);
-                return Ok(self.owner.file_attr(ino, &a));
-            }
+        if let Some(attr) = self.fresh_attr(ino, &path) {
+            return Ok(attr);
         }
         let generation = self.cache.generation();
         match self.client.stat(&path).await {
@@ -247,6 +244,55 @@ impl Remote {
     }
 
     /// `setattr`: mode, size and times (ownership cannot change: every file is the user's).
+    /// `ino`'s attributes from the cache, when fresh and still naming `ino`.
+    fn fresh_attr(&self, ino: u64, path: &WirePath) -> Option<FileAttr> {
+        match self.cache.get(path)? {
+            Cached::Present(a) if ino == ROOT_INO || self.inodes.fuse_ino(a.ino) == ino => {
+                Hits::add(&self.hits.getattr);
+                Some(self.owner.file_attr(ino, &a))
+            }
+            _ => None,
+        }
+    }
+
+    /// `getattr` answered on the caller's (FUSE) thread, without a hop to the runtime: `None`
+    /// when a write on `ino` is queued (its answer comes first: [`Remote::getattr`] settles it)
+    /// or the cache has no fresh attributes. A write's range is queued before its reply, so a
+    /// `write` then `fstat` always takes the waiting way.
+    pub fn getattr_cached(&self, ino: u64) -> Option<FileAttr> {
+        if self.writes.pending(ino) {
+            return None;
+        }
+        self.fresh_attr(ino, &self.inodes.path(ino)?)
+    }
+
+    /// `setattr` answered on the caller's thread when it changes nothing the server keeps (the
+    /// owner set to ours, `tar x`'s `fchown`; a mode set to what it is), as [`Remote::setattr`]
+    /// would answer it; `None` for everything else, which takes the usual way.
+    pub fn setattr_cached(&self, ino: u64, set: SetAttr, uid: Option<u32>, gid: Option<u32>) -> Option<R<FileAttr>> {
+        if self.writes.pending(ino) {
+            return None;
+        }
+        if uid.is_some_and(|u| u != self.owner.uid) || gid.is_some_and(|g| g != self.owner.gid) {
+            return Some(Err(Errno::EPERM));
+        }
+        if set == SetAttr::default() {
+            return self.getattr_cached(ino).map(Ok);
+        }
+        let SetAttr { mode: Some(mode), size: None, atime: None, mtime: None } = set else { return None };
+        self.writable().ok()?;
+        let path = self.inodes.path(ino)?;
+        match self.cache.get(&path)? {
+            Cached::Present(a)
+                if a.perm & 0o7777 == mode & 0o7777 && (ino == ROOT_INO || self.inodes.fuse_ino(a.ino) == ino) =>
+            {
+                Hits::add(&self.hits.setattr);
+                Some(Ok(self.owner.file_attr(ino, &a)))
+            }
+            _ => None,
+        }
+    }
+
     pub async fn setattr(
         &self,
         ino: u64,
