@@ -287,3 +287,37 @@ fn netcp_bars_on_a_terminal_lines_in_a_pipe() {
     let quiet = netcp.run([std::ffi::OsStr::new("-q"), f.as_os_str(), netcp.remote("h.bin").as_os_str()]).ok();
     assert_eq!(quiet.stdout, "");
 }
+
+#[test]
+fn netcp_put_checks_each_segment_while_streaming() {
+    let (server, netcp) = server_with_alice("netcp_put_checks_each_segment_while_streaming", None);
+    let work = tempfile::tempdir().expect("tempdir");
+    let big = work.path().join("big");
+    // Segments of 32 MiB: two whole ones and a short last one, each checked by its own Checksum
+    // (no whole-file pass after the last write).
+    write_random(&big, (80 << 20) + 5, 11);
+    let run = netcp.run_logged(["--no-resume".as_ref(), big.as_os_str(), netcp.remote("big").as_os_str()]).ok();
+    let sent = requests_sent(&run.stderr);
+    assert!(sent.contains("(\"checksum\", 3)"), "one checksum per 32 MiB segment: {sent}");
+    assert!(sent.contains("(\"write\", 321)"), "80 MiB + 5 B in 256 KiB writes: {sent}");
+    assert_eq!(hash_file(&server.home_path("alice").join("big")), hash_file(&big));
+    assert!(partial_files(&server.home_path("alice")).is_empty());
+}
+
+#[test]
+fn netcp_put_of_a_fifo_fails_without_opening_it_for_long() {
+    let (server, netcp) = server_with_alice("netcp_put_of_a_fifo_fails_without_opening_it_for_long", None);
+    let work = tempfile::tempdir().expect("tempdir");
+    let fifo = work.path().join("fifo");
+    let made = std::process::Command::new("mkfifo").arg(&fifo).status().expect("run mkfifo");
+    assert!(made.success(), "mkfifo failed");
+    let file = work.path().join("file");
+    write_random(&file, 5000, 12);
+    // No writer ever opens the FIFO: a blocking open would hang here (the run is bounded).
+    let run = netcp.run([fifo.as_os_str(), file.as_os_str(), netcp.remote("").as_os_str()]);
+    assert_eq!(run.code, Some(1), "one file failed: {}{}", run.stdout, run.stderr);
+    assert!(run.stderr.contains("fifo: not a regular file"), "{}", run.stderr);
+    let home = server.home_path("alice");
+    assert_eq!(hash_file(&home.join("file")), hash_file(&file));
+    assert!(!home.join("fifo").exists());
+}

@@ -4,6 +4,7 @@
 //! - [`message`]: the request and response headers (postcard), with file data after them as raw bytes.
 //! - [`path`]: [`WirePath`], a path relative to the user's home, as bytes.
 //! - [`error`]: [`ErrorCode`], the one table that maps wire codes, errno and `io::Error`.
+//! - [`size`]: [`size::ByteSize`], sizes written with binary units (`500M`, `20G`).
 //! - [`tls`]: rustls configurations and certificate fingerprints for pinning on first use.
 //!
 //! `PROTOCOL.md` beside this crate's `src/` documents the format for writers of other clients.
@@ -13,6 +14,7 @@ pub mod error;
 pub mod frame;
 pub mod message;
 pub mod path;
+pub mod size;
 pub mod tls;
 
 pub use error::{ErrorCode, WireError};

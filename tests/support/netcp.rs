@@ -11,6 +11,10 @@ use std::time::{Duration, Instant};
 
 use crate::server::TestServer;
 
+/// A transfer at least this large lasts seconds under [`Netcp::spawn`]'s limit (32 MiB/s, with
+/// one second's burst).
+pub const PACED_BYTES: u64 = 128 << 20;
+
 /// The `netcp` binary built beside the test binary (`target/debug/netcp`).
 ///
 /// # Panics
@@ -116,25 +120,28 @@ impl Netcp {
         run_bounded(c, Duration::from_secs(300))
     }
 
-    /// Starts `netcp ARGS...` without waiting (to be killed part-way).
+    /// Starts `netcp --bwlimit 32M ARGS...` without waiting, to be killed part-way: the limit
+    /// keeps a transfer of [`PACED_BYTES`] or more going for seconds after the test saw it
+    /// start, however fast the machine (a 256 MiB put took 1.5 s unpaced, and finished before
+    /// a server restart meant to interrupt it).
     pub fn spawn<I, S>(&self, args: I) -> Child
     where
         I: IntoIterator<Item = S>,
         S: AsRef<OsStr>,
     {
         let mut c = self.command();
-        c.args(args).stdout(Stdio::null()).stderr(Stdio::piped());
+        c.args(["--bwlimit", "32M"]).args(args).stdout(Stdio::null()).stderr(Stdio::piped());
         c.spawn().expect("netcp starts")
     }
 
-    /// Starts `netcp ARGS...` without waiting, capturing its output for [`wait_output`].
+    /// [`Netcp::spawn`], capturing its output for [`wait_output`].
     pub fn spawn_captured<I, S>(&self, args: I) -> Child
     where
         I: IntoIterator<Item = S>,
         S: AsRef<OsStr>,
     {
         let mut c = self.command();
-        c.args(args).stdout(Stdio::piped()).stderr(Stdio::piped());
+        c.args(["--bwlimit", "32M"]).args(args).stdout(Stdio::piped()).stderr(Stdio::piped());
         c.spawn().expect("netcp starts")
     }
 

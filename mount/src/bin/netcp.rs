@@ -10,6 +10,7 @@ use clap::{Parser, Subcommand};
 use homefs_mount::client::login_args::LoginArgs;
 use homefs_mount::client::{Client, ConnectError, ServerAddr};
 use homefs_mount::copy::progress::{Output, Progress};
+use homefs_mount::copy::rate;
 use homefs_mount::copy::remote::{wire_path, Location};
 use homefs_mount::copy::shell::{Shell, ShellEnd};
 use homefs_mount::copy::transfer::{TransferOptions, IN_FLIGHT};
@@ -98,6 +99,20 @@ struct CommonArgs {
     /// Copy whole files, ignoring partial copies left by an interrupted run.
     #[arg(long)]
     no_resume: bool,
+
+    /// Limit the transfer to RATE per second, all files and jobs together: 500K, 20M, 1G (a
+    /// plain number is KiB, as rsync's --bwlimit); 0 is no limit.
+    #[arg(long, value_name = "RATE", value_parser = parse_rate)]
+    bwlimit: Option<u64>,
+}
+
+/// `--bwlimit`'s RATE in bytes per second: a size (`20M`), or a plain number of KiB (rsync's).
+fn parse_rate(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    if !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit()) {
+        return t.parse::<u64>().ok().and_then(|k| k.checked_mul(1024)).ok_or_else(|| format!("rate too large: {s}"));
+    }
+    t.parse::<homefs_shared::size::ByteSize>().map(|b| b.bytes()).map_err(|e| e.to_string())
 }
 
 #[derive(Subcommand, Debug)]
@@ -145,6 +160,7 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
         let Some(client) = connect_or_report(&runtime, &login, &server, true, 1)? else {
             return Ok(status::CONNECT);
         };
+        rate::set_limit(common.bwlimit.unwrap_or(0));
         let opts = TransferOptions { preserve: common.preserve, resume: !common.no_resume, swept: false };
         let shell = Shell::new(client, runtime.handle().clone(), opts, common.quiet);
         return Ok(match shell.run() {
@@ -153,6 +169,7 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
         });
     }
 
+    rate::set_limit(cli.common.bwlimit.unwrap_or(0));
     let mut locations: Vec<Location> = cli.paths.iter().map(|a| Location::parse(a)).collect();
     let Some(dest) = locations.pop() else { return usage("SOURCE... DEST needed") };
     let direction_and_server = match dest {

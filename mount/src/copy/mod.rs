@@ -4,10 +4,12 @@
 //! - [`transfer`]: one file, put or get: pipelined chunks, BLAKE3 on both ends, temp name then rename.
 //! - [`resume`]: the partial file's name and the check of its prefix on both sides.
 //! - [`progress`]: indicatif bars on a terminal, else one summary line per file.
+//! - [`rate`]: `--bwlimit`, one bandwidth limit for the whole process.
 //! - [`tree`]: many files and trees (`-r`, `-j`), symlinks kept as symlinks.
 //! - [`shell`]: the FTP-style interactive shell.
 
 pub mod progress;
+pub mod rate;
 pub mod remote;
 pub mod resume;
 pub mod shell;

@@ -18,6 +18,10 @@ use super::transfer::{self, timestamp, TransferOptions};
 use super::CopyError;
 use crate::client::Client;
 
+/// Directories (or symlinks) made, or directories listed, at once: the entries of one level of a
+/// tree need no order among themselves; the client's in-flight cap bounds them too.
+const ENTRIES_AT_ONCE: usize = 32;
+
 /// What the command line asked for.
 #[derive(Debug, Clone, Copy)]
 pub struct CopyOptions {
@@ -244,19 +248,37 @@ async fn execute_put(
     let any_steps = !plan.is_empty();
     let mut files = Vec::new();
     let mut dirs = Vec::new();
+    let mut links = Vec::new();
     for step in plan {
         match step {
-            Step::Dir { to, mode, mtime } => {
-                let r = remote_mkdir(client, &to, mode).await;
-                report.record(progress, "mkdir", &to.to_string(), r);
-                dirs.push((to, mode, mtime));
-            }
-            Step::Symlink { target, to } => {
-                let r = remote_symlink(client, &target, &to).await;
-                report.record(progress, "symlink", &to.to_string(), r);
-            }
+            Step::Dir { to, mode, mtime } => dirs.push((to, mode, mtime)),
+            Step::Symlink { target, to } => links.push((target, to)),
             Step::File { from, to, size, mtime } => files.push((from, to, SourceId { size, mtime })),
         }
+    }
+    // The directories one depth at a time (a parent before its children), each depth's at once:
+    // a round trip per level of the tree instead of one per directory. Then the symlinks, at once.
+    let mut levels = std::collections::BTreeMap::<usize, Vec<(&WirePath, u32)>>::new();
+    for (to, mode, _) in &dirs {
+        levels.entry(to.components().count()).or_default().push((to, *mode));
+    }
+    for level in levels.into_values() {
+        let made: Vec<_> = stream::iter(level)
+            .map(|(to, mode)| async move { (to, remote_mkdir(client, to, mode).await) })
+            .buffer_unordered(ENTRIES_AT_ONCE)
+            .collect()
+            .await;
+        for (to, r) in made {
+            report.record(progress, "mkdir", &to.to_string(), r);
+        }
+    }
+    let linked: Vec<_> = stream::iter(&links)
+        .map(|(target, to)| async move { (to, remote_symlink(client, target, to).await) })
+        .buffer_unordered(ENTRIES_AT_ONCE)
+        .collect()
+        .await;
+    for (to, r) in linked {
+        report.record(progress, "symlink", &to.to_string(), r);
     }
     let swept = opts.resume && files.len() > 1;
     if swept {
@@ -421,22 +443,35 @@ async fn plan_get(
 
 /// Walks a remote tree (symlinks are not followed) into steps, parents before children.
 async fn walk_remote(client: &Client, root: WirePath, to: PathBuf, attr: Attr) -> Result<Vec<GetStep>, CopyError> {
+    // Breadth first, one depth at a time, each depth's directories listed at once: a round-trip
+    // wait per level of the tree instead of one per directory. A directory's step comes before
+    // everything under it.
     let mut steps = Vec::new();
-    let mut stack = vec![(root, to, attr)];
-    while let Some((dir, to, attr)) = stack.pop() {
-        steps.push(Step::Dir { to: to.clone(), mode: attr.perm & 0o7777, mtime: attr.mtime });
-        for e in client.read_dir(&dir).await? {
-            let path = dir.join(&e.name)?;
-            let child = to.join(local_name(&e.name));
-            match e.attr.kind {
-                FileKind::Dir => stack.push((path, child, e.attr)),
-                FileKind::Symlink => steps.push(Step::Symlink { target: client.readlink(&path).await?, to: child }),
-                FileKind::File => {
-                    steps.push(Step::File { from: path, to: child, size: e.attr.size, mtime: e.attr.mtime })
+    let mut level = vec![(root, to, attr)];
+    while !level.is_empty() {
+        let listed: Vec<_> = stream::iter(level)
+            .map(|(dir, to, attr)| async move { client.read_dir(&dir).await.map(|entries| (dir, to, attr, entries)) })
+            .buffered(ENTRIES_AT_ONCE)
+            .collect()
+            .await;
+        let mut next = Vec::new();
+        for listing in listed {
+            let (dir, to, attr, entries) = listing?;
+            steps.push(Step::Dir { to: to.clone(), mode: attr.perm & 0o7777, mtime: attr.mtime });
+            for e in entries {
+                let path = dir.join(&e.name)?;
+                let child = to.join(local_name(&e.name));
+                match e.attr.kind {
+                    FileKind::Dir => next.push((path, child, e.attr)),
+                    FileKind::Symlink => steps.push(Step::Symlink { target: client.readlink(&path).await?, to: child }),
+                    FileKind::File => {
+                        steps.push(Step::File { from: path, to: child, size: e.attr.size, mtime: e.attr.mtime })
+                    }
+                    _ => tracing::warn!(path = %path, "skipping a special file"),
                 }
-                _ => tracing::warn!(path = %path, "skipping a special file"),
             }
         }
+        level = next;
     }
     Ok(steps)
 }
