@@ -325,6 +325,19 @@ impl AttrCache {
         self.insert(path, Cached::Present(*attr), None);
     }
 
+    /// New attributes of the file `path` names now (a write's answer): kept only while the cache
+    /// still has `path` present as that same file. A write answered after the name went (an
+    /// unlink or rename racing the answer) must not bring the name back.
+    pub fn refresh(&self, path: &WirePath, attr: &Attr) {
+        let ttl = self.ttl();
+        let mut maps = self.lock();
+        if let Some(e) = maps.entries.get_mut(path) {
+            if matches!(e.what, Cached::Present(old) if old.ino == attr.ino) {
+                *e = Entry { what: Cached::Present(*attr), until: Instant::now() + ttl };
+            }
+        }
+    }
+
     /// As [`AttrCache::put`], for attributes fetched when the generation was `generation`.
     pub fn put_fetched(&self, path: &WirePath, attr: &Attr, generation: u64) {
         self.insert(path, Cached::Present(*attr), Some(generation));
@@ -586,6 +599,26 @@ mod tests {
         assert_eq!(c.get(&p("a")), None);
         assert_eq!(c.get(&p("a/b")), None);
         assert_eq!(c.get(&p("ab")), Some(Cached::Absent));
+    }
+
+    /// A write's answer updates the file it was for, and never brings back a name that went
+    /// (unlinked while the write was in flight) or names another file now.
+    #[test]
+    fn a_refresh_updates_only_the_same_file_still_present() {
+        let c = AttrCache::new(Duration::from_secs(60));
+        let grown = Attr { size: 11, ..attr() };
+        c.put(&p("f"), &attr());
+        c.refresh(&p("f"), &grown);
+        assert_eq!(c.get(&p("f")), Some(Cached::Present(grown)));
+        c.put_absent(&p("f"), None);
+        c.refresh(&p("f"), &grown);
+        assert_eq!(c.get(&p("f")), Some(Cached::Absent));
+        c.invalidate(&p("f"));
+        c.refresh(&p("f"), &grown);
+        assert_eq!(c.get(&p("f")), None);
+        c.put(&p("f"), &Attr { ino: 10, ..attr() });
+        c.refresh(&p("f"), &grown);
+        assert_eq!(c.get(&p("f")), Some(Cached::Present(Attr { ino: 10, ..attr() })));
     }
 
     #[test]

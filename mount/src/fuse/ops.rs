@@ -519,7 +519,9 @@ impl Remote {
                 (Ok(a), _) if unlinked && me.inodes.fuse_ino(a.ino) == ino => {
                     me.inodes.update_attr(ino, &ticket.merge(a));
                 }
-                (Ok(a), Some(p)) if !unlinked && me.inodes.fuse_ino(a.ino) == ino => me.cache.put(&p, &ticket.merge(a)),
+                (Ok(a), Some(p)) if !unlinked && me.inodes.fuse_ino(a.ino) == ino => {
+                    me.cache.refresh(&p, &ticket.merge(a))
+                }
                 (_, Some(p)) if !unlinked => me.cache.invalidate_attr(&p),
                 _ => {}
             }
@@ -558,7 +560,7 @@ impl Remote {
             }
             // Only the cache: the inode keeps the attributes seen at open, so the next open
             // still compares against those (close-to-open, as before).
-            (Ok(Some(a)), Some(p)) if !unlinked && self.inodes.fuse_ino(a.ino) == ino => self.cache.put(&p, a),
+            (Ok(Some(a)), Some(p)) if !unlinked && self.inodes.fuse_ino(a.ino) == ino => self.cache.refresh(&p, a),
             (_, Some(p)) if !unlinked => self.cache.invalidate_attr(&p),
             _ => {}
         }
@@ -605,6 +607,9 @@ impl Remote {
     }
 
     async fn unlock_all(&self, fh: u64, owner: u64) -> R<()> {
+        // A lock released is a promise to other clients that what was done under it is on the
+        // server: unlinks answered behind too (sqlite deletes its journal, then unlocks).
+        self.wait_for_all_unlinks().await;
         let spec = LockSpec { kind: LockKind::Unlock, start: 0, end: u64::MAX, owner, pid: 0, flock: false };
         self.client.lock(Fh(fh), spec, false).await.map_err(|e| errno(&e))
     }
@@ -776,6 +781,10 @@ impl Remote {
     /// bounded wait, until granted or the waiting process is gone. (fuser does not pass
     /// `FUSE_INTERRUPT` on; a fatal signal still ends the waiter, and we notice it here.)
     pub async fn setlk(&self, ino: u64, fh: u64, spec: LockSpec, sleep: bool) -> R<()> {
+        if spec.kind == LockKind::Unlock {
+            // As in `unlock_all`: what this mount removed under the lock lands first.
+            self.wait_for_all_unlinks().await;
+        }
         loop {
             let asked = Instant::now();
             match self.client.lock(Fh(fh), spec, sleep).await {

@@ -6,7 +6,9 @@
 //!   marks its directory pending). Whatever depends on the server having it waits for the
 //!   pending unlinks first ([`Remote::wait_for_unlinks`]): `rmdir` of the directory, a listing or
 //!   lookup of it from the server, create/mkdir/mknod/symlink/link of the same name, rename of
-//!   or into it, `statfs` (df shows the freed quota), `fsyncdir`, and unmount (`destroy`).
+//!   or into it, `statfs` (df shows the freed quota), `fsyncdir`, unmount (`destroy`), and the
+//!   release of a lock (fcntl/flock unlock, close): another client that takes the lock next must
+//!   find the server as this mount left it (sqlite deletes its journal, then unlocks).
 //! - **Errors**: a failed unlink is logged, and the name comes back: its cache entry, its
 //!   directory's listing and attributes and the kernel's dentry go, so the next lookup asks the
 //!   server; a later `rmdir` of the directory fails as it should (ENOTEMPTY). A lost connection
