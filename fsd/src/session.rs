@@ -476,14 +476,7 @@ async fn serve_requests<R: AsyncRead + Unpin>(
                 };
                 let outcome = AssertUnwindSafe(authed.handle(header.request, frame.data)).catch_unwind().await;
                 drop(write_held);
-                let (result, data) = match outcome {
-                    Ok(Ok((response, data))) => (Ok(response), data),
-                    Ok(Err(e)) => (Err(e), Bytes::new()),
-                    Err(_) => {
-                        error!(id = id.0, "request handler panicked");
-                        (Err(WireError::new(ErrorCode::Io, "internal server error")), Bytes::new())
-                    }
-                };
+                let (result, data) = answer_of(id, outcome);
                 // Fails only when the writer is gone; the reader notices that itself.
                 let _ = tx.send((ResponseHeader { id, result }, data, held)).await;
                 drop(permit);
@@ -515,6 +508,22 @@ async fn send_notices(subscription: Subscription, tx: mpsc::Sender<Answer>) {
     }
 }
 
+/// A handler's outcome as the answer's result and data; a panic is answered as an internal
+/// error (and logged), never left without an answer.
+fn answer_of(
+    id: RequestId,
+    outcome: std::thread::Result<Result<(Response, Bytes), WireError>>,
+) -> (Result<Response, WireError>, Bytes) {
+    match outcome {
+        Ok(Ok((response, data))) => (Ok(response), data),
+        Ok(Err(e)) => (Err(e), Bytes::new()),
+        Err(_) => {
+            error!(id = id.0, "request handler panicked");
+            (Err(WireError::new(ErrorCode::Io, "internal server error")), Bytes::new())
+        }
+    }
+}
+
 /// A `Read` answered on a blocking-pool thread from start to finish: the thread reads (waiting
 /// for the disk if it must) and writes the answer to the connection itself when the writer is
 /// idle (else queues it for the writer). The usual path goes reader -> request task -> blocking
@@ -542,14 +551,7 @@ impl ReadNow {
         let ReadNow { id, fh, offset, len, held, permit } = self;
         let outcome =
             std::panic::catch_unwind(AssertUnwindSafe(|| crate::ops::file::read_now(authed, fh, offset, len)));
-        let (result, data) = match outcome {
-            Ok(Ok((response, data))) => (Ok(response), data),
-            Ok(Err(e)) => (Err(e), Bytes::new()),
-            Err(_) => {
-                error!(id = id.0, "read panicked");
-                (Err(WireError::new(ErrorCode::Io, "internal server error")), Bytes::new())
-            }
-        };
+        let (result, data) = answer_of(id, outcome);
         let Some(tx) = tx.upgrade() else { return };
         let answer = (ResponseHeader { id, result }, data, held);
         if let Some(answer) = out.write_now(&tx, answer) {

@@ -98,11 +98,7 @@ pub fn read_now(session: &super::AuthedSession, fh: Fh, offset: u64, len: u32) -
     match read {
         Ok((bytes, size)) => Ok((Response::Data { size }, bytes)),
         Err(e) => {
-            if e.code() == ErrorCode::Io {
-                tracing::warn!(user = session.user(), code = ?e.code(), error = %e, "request failed");
-            } else {
-                tracing::debug!(session = session.id(), code = ?e.code(), error = %e, "request failed");
-            }
+            session.log_failure(&e);
             Err(WireError::from(e))
         }
     }

@@ -98,16 +98,20 @@ impl AuthedSession {
             self.home.notices.publish(self.id, &changed);
         }
         if let Err(e) = &result {
-            match e.code() {
-                // Trouble on the server's side (the disk, the file system) is worth an operator's
-                // look; the rest (ENOENT, EEXIST, EDQUOT, ...) is the client's business.
-                ErrorCode::Io | ErrorCode::NoSpace | ErrorCode::ReadOnly | ErrorCode::Stale => {
-                    tracing::warn!(user = self.user(), code = ?e.code(), error = %e, "request failed");
-                }
-                code => tracing::debug!(session = self.id, ?code, error = %e, "request failed"),
-            }
+            self.log_failure(e);
         }
         result.map_err(WireError::from)
+    }
+
+    /// Logs a failed request: trouble on the server's side (the disk, the file system) is worth
+    /// an operator's look; the rest (ENOENT, EEXIST, EDQUOT, ...) is the client's business.
+    pub(crate) fn log_failure(&self, e: &OpError) {
+        match e.code() {
+            ErrorCode::Io | ErrorCode::NoSpace | ErrorCode::ReadOnly | ErrorCode::Stale => {
+                tracing::warn!(user = self.user(), code = ?e.code(), error = %e, "request failed");
+            }
+            code => tracing::debug!(session = self.id, ?code, error = %e, "request failed"),
+        }
     }
 
     /// The paths `request` changes when it succeeds (PROTOCOL.md, "Change notices"): entries made,
