@@ -7,6 +7,7 @@ pub mod config;
 pub mod confine;
 pub mod home;
 pub mod init;
+mod notice_sender;
 pub mod ops;
 pub mod privs;
 pub mod session;

@@ -3,7 +3,8 @@
 //!
 //! ```text
 //! reader (this task) --spawn--> one task per request --(bounded channel)--> writer task --> TLS
-//!                                 notice task (after Subscribe) --^  (id 0, one frame queued at most)
+//!                                 notice task (after Subscribe) --^  (id 0, one frame queued at most;
+//!                                   a lock grant queues what is pending first: `notice_sender.rs`)
 //!                    --spawn_blocking--> a Read: pread, then the answer written to TLS directly
 //!                                        when the writer is idle, else queued (`ReadNow`)
 //! ```
@@ -29,8 +30,8 @@ use bytes::Bytes;
 use futures::{FutureExt, StreamExt};
 use homefs_shared::frame::{write_frame, FrameCodec};
 use homefs_shared::{
-    login_code, ErrorCode, Fh, Frame, FrameError, Request, RequestId, Response, ResponseHeader, WireError, NOTICE_ID,
-    PROTOCOL_VERSION,
+    login_code, ErrorCode, Fh, Frame, FrameError, LockKind, Request, RequestId, Response, ResponseHeader, WireError,
+    NOTICE_ID, PROTOCOL_VERSION,
 };
 use std::future::Future;
 use std::io;
@@ -49,8 +50,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn, Instrument};
 
 use crate::accounts::Login;
-use crate::home::notices::Notice;
-use crate::home::Subscription;
+use crate::notice_sender::NoticeSender;
 use crate::ops::file::CACHED_READ_MAX;
 use crate::ops::AuthedSession;
 use crate::shutdown::Shutdown;
@@ -72,7 +72,7 @@ const ABORT_GRACE: Duration = Duration::from_secs(1);
 
 /// An answer, the data that follows it in its frame, and what it holds until it is written: the
 /// share of the server's read budget its data holds, or a notice frame's queue slot.
-type Answer = (ResponseHeader, Bytes, Option<OwnedSemaphorePermit>);
+pub(crate) type Answer = (ResponseHeader, Bytes, Option<OwnedSemaphorePermit>);
 
 /// Why a session ended, for the log.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -131,9 +131,10 @@ pub async fn run(
             let end = serve_requests(&mut frames, &tx, &state, &authed, &mut session, &mut shutdown).await;
             drop(frames);
             // Unsubscribes (the task owns the subscription) and lets go of its writer sender.
-            if let Some(notices) = notices.take() {
-                notices.abort();
-                let _ = notices.await;
+            if let Some((task, sender)) = notices.take() {
+                task.abort();
+                let _ = task.await;
+                drop(sender);
             }
             // In-flight requests finish (by the server's shutdown deadline, or within the
             // shutdown timeout when the client went), then the session's locks and files go.
@@ -305,8 +306,8 @@ fn decode(frame: &Frame) -> Result<homefs_shared::RequestHeader, End> {
 struct Serving<'a> {
     /// One task per request in flight.
     tasks: &'a mut JoinSet<()>,
-    /// The change-notice task, once the client subscribed.
-    notices: &'a mut Option<JoinHandle<()>>,
+    /// The change-notice task and its sender, once the client subscribed.
+    notices: &'a mut Option<(JoinHandle<()>, Arc<NoticeSender>)>,
     /// Requests read, for the log.
     requests: &'a mut u64,
     /// The write half, for answers written by the thread that made them.
@@ -373,7 +374,9 @@ async fn serve_requests<R: AsyncRead + Unpin>(
             if notices.is_none() {
                 let subscription = authed.home().notices.subscribe(authed.id());
                 debug!(watchers = authed.home().notices.watchers(), "subscribed to change notices");
-                **notices = Some(tokio::spawn(send_notices(subscription, tx.clone()).in_current_span()));
+                let sender = NoticeSender::new(subscription, tx.clone());
+                let task = tokio::spawn(sender.clone().run().in_current_span());
+                **notices = Some((task, sender));
             }
             continue;
         }
@@ -451,6 +454,11 @@ async fn serve_requests<R: AsyncRead + Unpin>(
             }
         }
         let (tx, authed) = (tx.clone(), authed.clone());
+        // A granted lock is an acquire barrier for change notices (see `notice_sender.rs`).
+        let barrier = match (&header.request, notices.as_ref()) {
+            (Request::Lock { lock, .. }, Some((_, sender))) if lock.kind != LockKind::Unlock => Some(sender.clone()),
+            _ => None,
+        };
         let read_units = match header.request {
             Request::Read { len, .. } => data_budget_units(len.min(homefs_shared::MAX_DATA_BYTES) as usize),
             _ => None,
@@ -476,6 +484,9 @@ async fn serve_requests<R: AsyncRead + Unpin>(
                 };
                 let outcome = AssertUnwindSafe(authed.handle(header.request, frame.data)).catch_unwind().await;
                 drop(write_held);
+                if let (Some(sender), Ok(Ok(_))) = (&barrier, &outcome) {
+                    sender.barrier().await;
+                }
                 let (result, data) = answer_of(id, outcome);
                 // Fails only when the writer is gone; the reader notices that itself.
                 let _ = tx.send((ResponseHeader { id, result }, data, held)).await;
@@ -483,28 +494,6 @@ async fn serve_requests<R: AsyncRead + Unpin>(
             }
             .in_current_span(),
         );
-    }
-}
-
-/// Notice frames a subscriber may have queued for its writer and not yet written: one, so that
-/// while a client does not read, changes gather (and coalesce, or overflow into `all`) in the
-/// bounded inbox instead of filling the writer's queue with notices.
-const NOTICES_QUEUED: usize = 1;
-
-/// The change-notice task of a subscribed session: sends each batch of the other sessions'
-/// changes as a `Changed` frame with id [`NOTICE_ID`]. Ends when the writer is gone, or when
-/// aborted at the session's end (dropping the subscription unsubscribes).
-async fn send_notices(subscription: Subscription, tx: mpsc::Sender<Answer>) {
-    let queued = Arc::new(Semaphore::new(NOTICES_QUEUED));
-    loop {
-        // Taken before the batch: the writer gives it back once the previous frame is written.
-        let Ok(slot) = queued.clone().acquire_owned().await else { return };
-        let Notice { paths, all } = subscription.next().await;
-        debug!(paths = paths.len(), all, "change notice");
-        let header = ResponseHeader { id: NOTICE_ID, result: Ok(Response::Changed { paths, all }) };
-        if tx.send((header, Bytes::new(), Some(slot))).await.is_err() {
-            return;
-        }
     }
 }
 

@@ -289,3 +289,49 @@ async fn a_subscriber_that_stops_reading_gets_all_then_notices_again() {
     notices_until(&mut a, &["after"]).await;
     server.stop().await;
 }
+
+/// Sends `request` and reads frames until its answer; returns the answer and every path the
+/// notices before it named.
+async fn call_collecting(c: &mut Conn, request: Request) -> (Result<Response, homefs_shared::WireError>, Vec<String>) {
+    let id = c.send(request).await;
+    let mut named = Vec::new();
+    loop {
+        let (header, _) = c.recv().await;
+        if header.id == id {
+            return (header.result, named);
+        }
+        assert_eq!(header.id, NOTICE_ID, "only notices arrive unasked: {header:?}");
+        match header.result {
+            Ok(Response::Changed { paths, .. }) => {
+                named.extend(paths.iter().map(|p| String::from_utf8_lossy(p.as_bytes()).into_owned()))
+            }
+            other => panic!("expected a Changed notice, got {other:?}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_lock_grant_comes_after_the_notices_of_changes_answered_before_it() {
+    use homefs_shared::{LockKind, LockSpec};
+    let inst = instance("notice-lock-barrier", &["alice"]);
+    let server = Server::start(inst.config()).await;
+    let mut a = logged_in(&server, "alice").await;
+    let mut b = logged_in(&server, "alice").await;
+    subscribe(&mut a).await;
+    let fh = open(&mut a, "lockfile", created(false)).await;
+    let spec = |kind| LockSpec { kind, start: 0, end: u64::MAX, owner: 7, pid: 1, flock: false };
+    // Each change is answered to B before A asks for the lock: A must hear of it before the
+    // grant (without the barrier the notice waits out its coalescing and comes after).
+    for round in 0..20 {
+        let dir = format!("r{round}");
+        ok(&mut b, Request::Mkdir { path: wp(&dir), mode: 0o755 }).await;
+        let (granted, named) =
+            call_collecting(&mut a, Request::Lock { fh, lock: spec(LockKind::Write), wait: true }).await;
+        assert_eq!(granted, Ok(Response::Done), "round {round}: the lock is granted");
+        assert!(named.contains(&dir), "round {round}: the notice of {dir} came before the grant; before it: {named:?}");
+        let (unlocked, _) =
+            call_collecting(&mut a, Request::Lock { fh, lock: spec(LockKind::Unlock), wait: false }).await;
+        assert_eq!(unlocked, Ok(Response::Done), "round {round}: unlocked");
+    }
+    server.stop().await;
+}

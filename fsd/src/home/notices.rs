@@ -42,6 +42,13 @@ pub struct Notice {
     pub all: bool,
 }
 
+impl Notice {
+    /// Nothing to tell.
+    pub fn is_empty(&self) -> bool {
+        self.paths.is_empty() && !self.all
+    }
+}
+
 /// The hub of one user, shared by all of the user's sessions (it lives in the `UserHome`).
 #[derive(Default)]
 pub struct NoticeHub {
@@ -129,10 +136,16 @@ pub struct Subscription {
 }
 
 impl Subscription {
-    /// The next batch: waits until something is pending, then [`COALESCE`] more so that a burst
-    /// goes out together, and takes up to [`MAX_PATHS_PER_NOTICE`] paths (or `all`). Cancel-safe:
-    /// nothing is taken before the last await.
+    /// The next batch: [`Subscription::ready`], then [`Subscription::take`]. Cancel-safe: nothing
+    /// is taken before the last await.
     pub async fn next(&self) -> Notice {
+        self.ready().await;
+        self.take()
+    }
+
+    /// Waits until something is pending, then [`COALESCE`] more so that a burst goes out
+    /// together; takes nothing (see [`Subscription::take`]). Cancel-safe.
+    pub async fn ready(&self) {
         let mut waited = false;
         loop {
             {
@@ -147,10 +160,10 @@ impl Subscription {
         if waited {
             tokio::time::sleep(COALESCE).await;
         }
-        self.take()
     }
 
-    /// What is pending now, without waiting (empty when nothing is).
+    /// What is pending now, without waiting (empty when nothing is): up to
+    /// [`MAX_PATHS_PER_NOTICE`] paths, or `all`.
     pub fn take(&self) -> Notice {
         let mut pending = lock(&self.inbox.pending);
         if pending.all {
