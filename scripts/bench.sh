@@ -47,6 +47,12 @@
 #   RCLONE_CACHE_MODE=minimal   BINDFS_OPTS=""   NETMOUNT_OPTS="" (extra netmount arguments)
 #   INSTALL=1 (apt-get what is missing)   BUILD=1 (cargo build --release -p fsd -p homefs-mount)
 #   HOMEFS_BIN=${CARGO_TARGET_DIR:-REPO/target}/release   KEEP_DATA=0
+#   FRESH_FS=1 (root only): each target's backing directory (fsd's storage root for homefs) and the
+#                  transfers' directory on a fresh ext4 of its own (a sparse image of FS_IMG_MB
+#                  (default 2 x BIG_MB + 3072) on a loop device with direct I/O), so that no target
+#                  pays for another's deletions: ext4's inode allocator skips recently freed inodes
+#                  (`recently_deleted`), which swung create / tar x / tree times up to 2x between
+#                  runs when all targets shared the root file system. FRESH_FS=0: plain directories.
 set -u -o pipefail
 export LC_ALL=C
 SELF=$(readlink -f "$0")
@@ -103,6 +109,8 @@ INSTALL=${INSTALL:-1}
 BUILD=${BUILD:-1}
 BIN=${HOMEFS_BIN:-${CARGO_TARGET_DIR:-$REPO/target}/release}
 KEEP_DATA=${KEEP_DATA:-0}
+FRESH_FS=${FRESH_FS:-1}
+FS_IMG_MB=${FS_IMG_MB:-$((BIG_MB * 2 + 3072))}
 
 LOGS=$OUTDIR/logs
 CMDLOG=$LOGS/commands.log
@@ -118,6 +126,7 @@ HOMEFS_USER=bench
 declare -A TDIR=() FPID=() BROKEN=() KIND=()
 ACTIVE=()     # targets of the current phase, in order
 BGPIDS=()     # relays we started
+FRESH=()      # mount points of the fresh file systems we made (fresh_fs), in order
 declare -A RELAY_PID=()  # relay name (ssh, fsd) -> pid
 SSHD_PID=
 CHILD=
@@ -148,6 +157,44 @@ mount_alive() { bounded 10 stat -f "$1" >/dev/null 2>&1 && is_mounted "$1" 2>/de
 drop() {  # drop the page cache (root only); bounded, since sync on a hung mount never returns
   bounded 120 sync
   if [ "$DROP_OK" = 1 ]; then echo 3 >/proc/sys/vm/drop_caches; fi
+}
+
+# fresh_fs DIR NAME [MB]: DIR becomes the root of a fresh ext4 of its own (see FRESH_FS), with DIR's
+# owner and mode; nothing if FRESH_FS=0, not root, DIR already a mount point, or a step fails
+# (then DIR stays a plain directory, and the notes say so).
+fresh_fs() {
+  local dir=$1 name=$2 mb=${3:-$FS_IMG_MB} img=$WORK/images/$2.img own mode dev
+  [ "$FRESH_FS" = 1 ] || return 0
+  is_mounted "$dir" && return 0
+  if [ "$(id -u)" != 0 ] || ! command -v mkfs.ext4 >/dev/null || ! command -v losetup >/dev/null; then
+    note "FRESH_FS: needs root, mkfs.ext4 and losetup: $name stays on $(df --output=target "$dir" | tail -1)"; FRESH_FS=0; return 0
+  fi
+  mkdir -p "$dir" "$WORK/images"
+  own=$(stat -c '%u:%g' "$dir"); mode=$(stat -c '%a' "$dir")
+  rm -f "$img"
+  if ! truncate -s "${mb}M" "$img" ||
+    ! bounded 120 mkfs.ext4 -q -F -E lazy_itable_init=0,lazy_journal_init=0 "$img" >>"$LOGS/run.log" 2>&1 ||
+    ! dev=$(losetup -f --show --direct-io=on "$img" 2>>"$LOGS/run.log"); then
+    note "FRESH_FS: could not make a file system for $name (see $LOGS/run.log): plain directory"; rm -f "$img"; return 0
+  fi
+  if ! mount -t ext4 "$dev" "$dir" 2>>"$LOGS/run.log"; then
+    note "FRESH_FS: could not mount $dev on $dir: plain directory"; losetup -d "$dev"; rm -f "$img"; return 0
+  fi
+  FRESH+=("$dir")
+  rmdir "$dir/lost+found" 2>/dev/null
+  chown "$own" "$dir"; chmod "$mode" "$dir"
+}
+
+unmount_fresh() {  # after every FUSE mount and server that used them is gone
+  local i m dev
+  for ((i = ${#FRESH[@]} - 1; i >= 0; i--)); do
+    m=${FRESH[$i]}
+    dev=$(findmnt -n -o SOURCE --mountpoint "$m" 2>/dev/null | head -1)
+    bounded 120 umount "$m" 2>>"$LOGS/run.log" || { log "umount $m failed; lazy"; umount -l "$m" 2>/dev/null; }
+    [[ $dev == /dev/loop* ]] && losetup -d "$dev" 2>/dev/null
+  done
+  FRESH=()
+  rm -rf "${WORK:?}/images"
 }
 
 # bounded SECS CMD... : run CMD under `timeout`, as a background job that this shell waits for, so
@@ -232,6 +279,7 @@ cleanup() {
   [ -n "$FSD_PID" ] && { record_fsd_mem; stop_pid "$FSD_PID" fsd; }
   stop_pid "$SSHD_PID" sshd
   if [ "$KEEP_DATA" != 1 ]; then
+    unmount_fresh
     local still=0
     for m in "$WORK"/mnt/*; do is_mounted "$m" 2>/dev/null && still=1; done
     if [ "$still" = 0 ]; then
@@ -283,6 +331,11 @@ prepare() {
   for m in "$WORK"/mnt/*; do
     if is_mounted "$m" 2>/dev/null; then echo "$m is still mounted; unmount it first" >&2; CLEANED=1; exit 1; fi
   done
+  local f
+  for f in "$WORK"/backing/* "$WORK"/fsd/homes "$WORK"/xfer; do  # fresh file systems of a killed run
+    if is_mounted "$f" 2>/dev/null; then FRESH+=("$f"); fi
+  done
+  unmount_fresh
   rm -rf "${WORK:?}/backing" "${WORK:?}/mnt" "${WORK:?}/xfer" "${WORK:?}/rclone-cache" "$FSDDIR" "${WORK:?}/xdg" "$TARBALL" "$LAT_TARBALL"
   mkdir -p "$WORK/backing" "$WORK/mnt" "$WORK/xdg"
   : >"$RES"; : >"$NOTES"; : >"$CMDLOG"; : >"$WORK/loadavg.txt"; : >"$LOGS/mem.txt"
@@ -322,6 +375,9 @@ start_fsd() {
   if ! bounded 120 "$BIN/fsd" init "$FSDDIR" --listen "127.0.0.1:$FSD_PORT" >>"$LOGS/fsd-admin.log" 2>&1; then
     note "homefs: fsd init failed: $(tail -n1 "$LOGS/fsd-admin.log")"; HOMEFS_OK=0; return
   fi
+  # the users' homes on a file system of their own (the storage root is `homes` in fsd's template)
+  # (room also for what the transfers leave there: the get sources and one put per round)
+  fresh_fs "$FSDDIR/homes" homefs $((FS_IMG_MB + XFER_MB * (ROUNDS + 2)))
   # (plain `timeout`: a background job of `bounded` would read /dev/null, not this pipe)
   if ! printf '%s\n' "$HOMEFS_PASSWORD" | timeout 120 "$BIN/fsd" user add "$HOMEFS_USER" --password-stdin \
     --config "$FSDDIR/fsd.toml" --quota 50G >>"$LOGS/fsd-admin.log" 2>&1; then
@@ -523,6 +579,7 @@ setup_targets() {
   for t in $targets; do
     local mnt=$WORK/mnt/$ph-$t back=$WORK/backing/$t
     mkdir -p "$mnt" "$back"
+    [ "$t" = homefs ] || fresh_fs "$back" "$t"
     unset "BROKEN[$t]"
     case $t in
       local)
@@ -848,6 +905,7 @@ xfer_netcp() {
 phase_xfer() {
   local X=$WORK/xfer R r tool ft
   R=$X/remote
+  fresh_fs "$X" xfer $((FS_IMG_MB + XFER_MB * 3))
   mkdir -p "$X/src" "$R" "$X/dl"
   log "preparing transfer sources"
   "$PY" "$HELP" seqwrite "$X/src/big.bin" "$XFER_MB" 0
@@ -919,7 +977,7 @@ phase_xfer() {
       fi
     done
   done
-  rm -rf "$X"
+  rm -rf "${X:?}"/*
 }
 
 # ---------------------------------------------------------------- report
@@ -931,7 +989,7 @@ write_meta() {
     echo "Machine: $(nproc) cores ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //')), $(awk '/MemTotal/{printf "%.0f GiB", $2/1048576}' /proc/meminfo) RAM, kernel $(uname -r). homefs at $(git -C "$REPO" rev-parse --short HEAD 2>/dev/null)$(git -C "$REPO" diff --quiet HEAD 2>/dev/null || echo ' (+ uncommitted changes)')."
     echo "Mode: QUICK=$QUICK, ROUNDS=$ROUNDS (latency: $LAT_ROUNDS), BIG_MB=$BIG_MB, RAND_IOS=$RAND_IOS, NFILES=$NFILES in $NDIRS dirs of $SMALL_SIZE B, dbench $DBENCH_CLIENTS clients x ${DBENCH_TIME}s, XFER_MB=$XFER_MB, XFER_FILES=$XFER_FILES, netcp -j $NETCP_JOBS. drop_caches permitted: $([ "$DROP_OK" = 1 ] && echo yes || echo NO)."
     echo "Tree: $TREE_SRC (excluding '$TREE_EXCLUDE' and symlinks): ${FS_TREE:-not used} (latency phase: ${LAT_TREE:-not used}; latency create: $LAT_NFILES files)."
-    echo "Targets: homefs = fsd (release build, loopback TLS) + netmount ${NETMOUNT_OPTS:-(default options)}; sshfs = defaults (ssh cipher ${SSH_CIPHER:-?}); sshfs_perf = -o $SSHFS_PERF_OPTS; rclone = rclone mount over sftp, --vfs-cache-mode $RCLONE_CACHE_MODE; bindfs = bindfs ${BINDFS_OPTS:-defaults} over a local dir; local = plain dir. All on the same disk; private sshd on 127.0.0.1:$SSH_PORT."
+    echo "Targets: homefs = fsd (release build, loopback TLS) + netmount ${NETMOUNT_OPTS:-(default options)}; sshfs = defaults (ssh cipher ${SSH_CIPHER:-?}); sshfs_perf = -o $SSHFS_PERF_OPTS; rclone = rclone mount over sftp, --vfs-cache-mode $RCLONE_CACHE_MODE; bindfs = bindfs ${BINDFS_OPTS:-defaults} over a local dir; local = plain dir. $([ "${#FRESH[@]}" -gt 0 ] && echo "Each target's backing directory (fsd's storage root for homefs) and the transfers' directory on a fresh ext4 of its own (${FS_IMG_MB} MiB sparse image, loop device with direct I/O), all on the same disk" || echo "All in plain directories on the same file system"); private sshd on 127.0.0.1:$SSH_PORT."
     echo "Latency profile: scripts/bench/relay.py delays every chunk ${LAT_DELAY_MS} ms in each direction (RTT $((LAT_DELAY_MS * 2)) ms), in front of fsd and sshd."
     echo "Versions: $(sshfs -V 2>&1 | grep -m1 '^SSHFS'), $(sshfs -V 2>&1 | grep -m1 'FUSE library'); $(ssh -V 2>&1); $(rclone version 2>/dev/null | head -1); $(vers bindfs --version); $(vers fio --version); rsync $(rsync --version 2>/dev/null | head -1 | awk '{print $3}'); $(vers git --version); dbench $(dpkg-query -W -f '${Version}' dbench 2>/dev/null); $(vers "$PY" --version)."
     echo "Method: wall time of each command (bash EPOCHREALTIME); 'cold' = sync + echo 3 > /proc/sys/vm/drop_caches before the command (user-space caches of the FUSE daemons are not dropped). Writes: python, 1 MiB writes of random data + fsync; reads: dd bs=1M; small files: python, one write each; tar x --no-same-owner, no fsync. Transfers: warm page cache, no fsync by scp and rsync (netcp syncs once at the end), include connection setup and login (argon2 for netcp, ssh keys for scp/rsync); netcp verifies BLAKE3 end to end, scp and rsync do not."
