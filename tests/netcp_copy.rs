@@ -1,6 +1,7 @@
 //! netcp copies against a real fsd through the real binary: files of every shape, many at once,
-//! trees with symlinks, the quota refused before sending, a symlink out of the home, and progress
-//! shown as bars on a terminal and as summary lines in a pipe.
+//! trees with symlinks, small files in batches (one refused file failing alone), the quota refused
+//! before sending, a symlink out of the home, and progress shown as bars on a terminal and as
+//! summary lines in a pipe.
 
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
@@ -134,8 +135,8 @@ fn requests_sent(stderr: &str) -> String {
 }
 
 #[test]
-fn netcp_small_files_take_one_request_each_and_one_sync() {
-    let (server, netcp) = server_with_alice("netcp_small_files_take_one_request_each_and_one_sync", None);
+fn netcp_small_files_go_in_a_batch_and_one_sync() {
+    let (server, netcp) = server_with_alice("netcp_small_files_go_in_a_batch_and_one_sync", None);
     let work = tempfile::tempdir().expect("tempdir");
     let tree = work.path().join("many");
     for d in 0..3 {
@@ -144,7 +145,7 @@ fn netcp_small_files_take_one_request_each_and_one_sync() {
             write_random(&tree.join(format!("d{d}/f{f}")), 4096 + f, d * 100 + f);
         }
     }
-    // Exactly at the threshold: still one request; one byte more: streamed.
+    // Too large for a batch, still one request; one byte more than 1 MiB: streamed.
     write_random(&tree.join("edge"), 1 << 20, 7);
     write_random(&tree.join("big"), (1 << 20) + 1, 8);
     let run = netcp
@@ -157,8 +158,9 @@ fn netcp_small_files_take_one_request_each_and_one_sync() {
         ])
         .ok();
     let sent = requests_sent(&run.stderr);
-    assert!(sent.contains("(\"put_file\", 31)"), "31 small files, one PutFile each: {sent}");
-    assert!(sent.contains("(\"sync_fs\", 1)"), "one SyncFs for the run: {sent}");
+    assert!(sent.contains("(\"put_files\", 1)"), "30 small files in one PutFiles: {sent}");
+    assert!(sent.contains("(\"put_file\", 1)"), "the 1 MiB file in one PutFile: {sent}");
+    assert!(sent.contains("(\"sync\", 1)") && !sent.contains("sync_fs"), "one Sync for the run: {sent}");
     assert!(!sent.contains("fsync"), "no fsync per file: {sent}");
     let on_server = server.home_path("alice").join("many");
     assert_eq!(tree_listing(&on_server), tree_listing(&tree));
@@ -175,7 +177,8 @@ fn netcp_small_files_take_one_request_each_and_one_sync() {
         ])
         .ok();
     let sent = requests_sent(&run.stderr);
-    assert!(sent.contains("(\"get_file\", 31)"), "31 small files, one GetFile each: {sent}");
+    assert!(sent.contains("(\"get_files\", 1)"), "30 small files in one GetFiles: {sent}");
+    assert!(sent.contains("(\"get_file\", 1)"), "the 1 MiB file in one GetFile: {sent}");
     assert!(!sent.contains("fsync"), "no fsync per file: {sent}");
     assert_eq!(tree_listing(&back), tree_listing(&tree));
 }
@@ -320,4 +323,133 @@ fn netcp_put_of_a_fifo_fails_without_opening_it_for_long() {
     let home = server.home_path("alice");
     assert_eq!(hash_file(&home.join("file")), hash_file(&file));
     assert!(!home.join("fifo").exists());
+}
+
+/// The count of `kind` in the "requests sent" line (0 when not sent).
+fn count_of(sent: &str, kind: &str) -> u64 {
+    let key = format!("(\"{kind}\", ");
+    sent.split(&key).nth(1).and_then(|rest| rest.split(')').next()).and_then(|n| n.parse().ok()).unwrap_or(0)
+}
+
+/// `files` small files of varied sizes (0 to ~6 KiB) spread over `dirs` directories under `root`.
+fn small_tree(root: &Path, dirs: u64, files: u64) {
+    for i in 0..files {
+        let dir = root.join(format!("d{}", i % dirs));
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        write_random(&dir.join(format!("f{i}")), (i * 997) % 6000, i);
+    }
+}
+
+#[test]
+fn netcp_tree_of_small_files_goes_in_batches_both_ways() {
+    let (server, netcp) = server_with_alice("netcp_tree_of_small_files_goes_in_batches_both_ways", None);
+    let work = tempfile::tempdir().expect("tempdir");
+    let tree = work.path().join("small");
+    small_tree(&tree, 5, 300);
+    let args = |from: &std::ffi::OsStr, to: &std::ffi::OsStr| {
+        vec![std::ffi::OsString::from("-r"), "-j".into(), "4".into(), from.to_owned(), to.to_owned()]
+    };
+    let run = netcp.run_logged(args(tree.as_os_str(), netcp.remote("").as_os_str())).ok();
+    let sent = requests_sent(&run.stderr);
+    // 300 files of at most 6 KiB: 64 a batch.
+    assert_eq!(count_of(&sent, "put_files"), 5, "300 files in 5 batches: {sent}");
+    assert_eq!(count_of(&sent, "put_file"), 0, "no file on its own: {sent}");
+    assert_eq!(count_of(&sent, "sync"), 1, "one Sync for the run: {sent}");
+    assert_eq!(run.stdout.lines().filter(|l| l.ends_with("verified")).count(), 300, "one line per file");
+    let on_server = server.home_path("alice").join("small");
+    assert_eq!(tree_listing(&on_server), tree_listing(&tree));
+    assert!(partial_files(&on_server.join("d0")).is_empty());
+
+    let back = work.path().join("back");
+    let run = netcp.run_logged(args(netcp.remote("small").as_os_str(), back.as_os_str())).ok();
+    let sent = requests_sent(&run.stderr);
+    assert_eq!(count_of(&sent, "get_files"), 5, "300 files in 5 batches: {sent}");
+    assert_eq!(count_of(&sent, "get_file"), 0, "no file on its own: {sent}");
+    assert_eq!(count_of(&sent, "open"), 0, "no file streamed: {sent}");
+    assert_eq!(tree_listing(&back), tree_listing(&tree));
+    assert!(partial_files(&back.join("d0")).is_empty());
+}
+
+#[test]
+fn netcp_batch_with_a_refused_file_fails_only_that_file() {
+    let (server, netcp) = server_with_alice("netcp_batch_with_a_refused_file_fails_only_that_file", None);
+    let work = tempfile::tempdir().expect("tempdir");
+    let tree = work.path().join("small");
+    small_tree(&tree, 2, 40);
+    // On the server, a non-empty directory where d1/f7 goes: the rename onto it fails.
+    let on_server = server.home_path("alice").join("small");
+    std::fs::create_dir_all(on_server.join("d1/f7/inside")).expect("mkdir");
+    let run = netcp.run_logged([std::ffi::OsStr::new("-r"), tree.as_os_str(), netcp.remote("").as_os_str()]);
+    assert_eq!(run.code, Some(1), "{run:?}");
+    let sent = requests_sent(&run.stderr);
+    assert_eq!(count_of(&sent, "put_files"), 1, "40 files in one batch: {sent}");
+    let failures: Vec<&str> = run.stderr.lines().filter(|l| l.starts_with("netcp: ")).collect();
+    assert_eq!(failures.len(), 1, "only the one file failed: {failures:?}");
+    let f7 = tree.join("d1/f7");
+    assert!(failures[0].starts_with(&format!("netcp: put {}: ", f7.display())), "names the file: {failures:?}");
+    assert!(failures[0].to_lowercase().contains("directory"), "says why: {failures:?}");
+    assert!(on_server.join("d1/f7/inside").is_dir(), "the directory is untouched");
+    for i in (0..40).filter(|&i| i != 7) {
+        let rel = format!("d{}/f{i}", i % 2);
+        assert_eq!(hash_file(&on_server.join(&rel)), hash_file(&tree.join(&rel)), "{rel}");
+    }
+    assert!(partial_files(&on_server.join("d1")).is_empty(), "no temporary file left");
+}
+
+#[test]
+fn netcp_batch_over_quota_refuses_the_files_that_do_not_fit() {
+    let (server, netcp) = server_with_alice("netcp_batch_over_quota_refuses_the_files_that_do_not_fit", Some("64K"));
+    let work = tempfile::tempdir().expect("tempdir");
+    let tree = work.path().join("q");
+    std::fs::create_dir_all(&tree).expect("mkdir");
+    for i in 0..30 {
+        write_random(&tree.join(format!("f{i:02}")), 4096, i);
+    }
+    let run = netcp.run_logged([std::ffi::OsStr::new("-r"), tree.as_os_str(), netcp.remote("").as_os_str()]);
+    assert_eq!(run.code, Some(1), "{run:?}");
+    assert_eq!(count_of(&requests_sent(&run.stderr), "put_files"), 1, "{}", run.stderr);
+    let refused: Vec<&str> = run.stderr.lines().filter(|l| l.starts_with("netcp: put ")).collect();
+    assert!(!refused.is_empty() && refused.len() < 30, "some fit, some do not: {refused:?}");
+    for line in &refused {
+        assert!(line.contains(": Disk quota exceeded (needs 4.0 KiB, ") && line.ends_with("free)"), "{line}");
+    }
+    let on_server = server.home_path("alice").join("q");
+    let landed: Vec<_> = std::fs::read_dir(&on_server).expect("list").flatten().map(|e| e.file_name()).collect();
+    assert_eq!(landed.len() + refused.len(), 30, "each file landed or was refused: {landed:?}");
+    for name in &landed {
+        assert_eq!(hash_file(&on_server.join(name)), hash_file(&tree.join(name)), "{name:?}");
+    }
+}
+
+#[test]
+fn netcp_batches_keep_mode_and_mtime_with_preserve() {
+    use std::os::unix::fs::PermissionsExt;
+    let (server, netcp) = server_with_alice("netcp_batches_keep_mode_and_mtime_with_preserve", None);
+    let work = tempfile::tempdir().expect("tempdir");
+    let tree = work.path().join("p");
+    small_tree(&tree, 2, 20);
+    let modes = [0o600, 0o640, 0o750, 0o444];
+    for i in 0..20u32 {
+        let f = tree.join(format!("d{}/f{i}", i % 2));
+        std::fs::set_permissions(&f, std::fs::Permissions::from_mode(modes[i as usize % 4])).expect("chmod");
+        let t = std::time::UNIX_EPOCH + std::time::Duration::new(1_500_000_000 + u64::from(i) * 1000, i * 1000 + 7);
+        std::fs::File::options().write(true).open(&f).expect("open").set_modified(t).expect("set mtime");
+    }
+    let run =
+        netcp.run_logged([std::ffi::OsStr::new("-r"), "-p".as_ref(), tree.as_os_str(), netcp.remote("").as_os_str()]);
+    let run = run.ok();
+    assert_eq!(count_of(&requests_sent(&run.stderr), "put_files"), 1, "{}", run.stderr);
+    let back = work.path().join("back");
+    let run =
+        netcp.run_logged([std::ffi::OsStr::new("-r"), "-p".as_ref(), netcp.remote("p").as_os_str(), back.as_os_str()]);
+    let run = run.ok();
+    assert_eq!(count_of(&requests_sent(&run.stderr), "get_files"), 1, "{}", run.stderr);
+    let on_server = server.home_path("alice").join("p");
+    for i in 0..20 {
+        let rel = format!("d{}/f{i}", i % 2);
+        let want = mode_and_mtime(&tree.join(&rel));
+        assert_eq!(mode_and_mtime(&on_server.join(&rel)), want, "on the server: {rel}");
+        assert_eq!(mode_and_mtime(&back.join(&rel)), want, "back here: {rel}");
+    }
+    assert_eq!(tree_listing(&back), tree_listing(&tree));
 }

@@ -59,6 +59,41 @@ fn netcp_put_killed_part_way_resumes() {
 }
 
 #[test]
+fn netcp_tree_put_killed_part_way_resumes_the_large_file_and_batches_the_rest() {
+    let (server, netcp) =
+        server_with_alice("netcp_tree_put_killed_part_way_resumes_the_large_file_and_batches_the_rest");
+    let work = tempfile::tempdir().expect("tempdir");
+    let tree = work.path().join("tree");
+    std::fs::create_dir_all(tree.join("small")).expect("mkdir");
+    write_random(&tree.join("big"), SIZE, 13);
+    for i in 0..150 {
+        write_random(&tree.join(format!("small/f{i}")), 1000 + i * 10, 100 + i);
+    }
+    let on_server = server.home_path("alice").join("tree");
+    let args = ["-r".into(), "-j".into(), "4".into(), tree.as_os_str().to_owned(), netcp.remote("")];
+
+    let mut child = netcp.spawn(&args);
+    let part = wait_for_partial(&on_server, KILL_AFTER, &mut child, Duration::from_secs(120));
+    kill(child);
+    let had = std::fs::metadata(&part).expect("partial file kept").len();
+    assert!(had < SIZE, "the put finished before it was killed");
+
+    let mut again = netcp.command();
+    again.env("NETCP_LOG", "netcp=debug").args(&args);
+    let run = homefs_tests::netcp::run_bounded(again, Duration::from_secs(300)).ok();
+    let at = resumed_at(&run.stdout).unwrap_or_else(|| panic!("did not resume: {}", run.stdout));
+    assert!(at > 0 && at.abs_diff(had) <= IN_FLIGHT_BYTES + CHUNK, "resumed at {at}, server had {had}");
+    let sent = run.stderr.lines().find(|l| l.contains("requests sent")).expect("request counts");
+    assert!(sent.contains("(\"put_files\", 3)") && !sent.contains("(\"put_file\""), "small files batched: {sent}");
+    assert_eq!(hash_file(&on_server.join("big")), hash_file(&tree.join("big")));
+    for i in 0..150 {
+        let rel = format!("small/f{i}");
+        assert_eq!(hash_file(&on_server.join(&rel)), hash_file(&tree.join(&rel)), "{rel}");
+    }
+    assert!(partial_files(&on_server).is_empty() && partial_files(&on_server.join("small")).is_empty());
+}
+
+#[test]
 fn netcp_get_killed_part_way_resumes_and_detects_corruption() {
     let (server, netcp) = server_with_alice("netcp_get_killed_part_way_resumes_and_detects_corruption");
     let home = server.home_path("alice");

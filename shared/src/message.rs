@@ -136,6 +136,24 @@ pub enum Request {
     /// `syncfs` of the file system holding the home: answered by `Response::Done` once everything
     /// written before it is on disk. Appended in protocol 1.
     SyncFs,
+    /// Store many small files in one request: each of `files` (at most [`MAX_BATCH_FILES`]) is
+    /// stored exactly as a `PutFile` (not exclusive) would store it, its content being the next
+    /// `len` bytes of the frame's data (the contents back to back, in order; the lengths must add
+    /// up to the data's length). Answered by `Response::StoredFiles` with one result per file, in
+    /// order: one refused file (quota, a directory at its name...) does not fail the others.
+    /// Not synced (see `Sync`). Appended in protocol 1 (PROTOCOL.md, "Batches").
+    PutFiles { files: Vec<PutItem> },
+    /// Read many small files in one request: answered by `Response::FilesData` with one result
+    /// per path, in order, and the whole contents of the regular files that fit, back to back, as
+    /// the frame's data, at most `max_bytes` (and [`crate::MAX_DATA_BYTES`]) in all. At most
+    /// [`MAX_BATCH_FILES`] paths. Appended in protocol 1 (PROTOCOL.md, "Batches").
+    GetFiles { paths: Vec<WirePath>, max_bytes: u32 },
+    /// Make what is at `paths` durable (at most [`MAX_SYNC_PATHS`]): each file's data and
+    /// attributes, each directory, and each path's entry in its parent directory (symlinks are not
+    /// followed: their entry is made durable). Answered by `Response::Done` once all of it is on
+    /// disk; the server may do it with one `syncfs` when that is cheaper. Appended in protocol 1
+    /// (PROTOCOL.md, "Batches").
+    Sync { paths: Vec<WirePath> },
 }
 
 /// What the server answers.
@@ -183,6 +201,50 @@ pub enum Response {
     /// Answers `GetFile`: the file's attributes when it was read and the BLAKE3 of the bytes sent
     /// (the frame's data).
     FileData { attr: Attr, hash: [u8; 32] },
+    /// Answers `PutFiles`: each file's outcome, in the order of the request.
+    StoredFiles { results: Vec<Result<StoredItem, WireError>> },
+    /// Answers `GetFiles`: each path's outcome, in the order of the request; the frame's data is
+    /// the bytes of every `Ok` item (`len` each), back to back in that order.
+    FilesData { results: Vec<Result<FileItem, WireError>> },
+}
+
+/// The most files in one `PutFiles` or `GetFiles`: bounds the server's work per request and the
+/// size of an answer's header (each result is at most a few hundred bytes).
+pub const MAX_BATCH_FILES: usize = 1024;
+
+/// The most paths in one `Sync`: enough for a tree of thousands of files in one request, so that
+/// the server weighs one `syncfs` against an fsync per path for the whole run at once (the paths
+/// must also fit in a header, `MAX_HEADER_BYTES`).
+pub const MAX_SYNC_PATHS: usize = 16384;
+
+/// One file of a `PutFiles` batch: where, with what mode (and, when given, mtime), and how many
+/// bytes of the frame's data are its content.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PutItem {
+    pub path: WirePath,
+    pub mode: u32,
+    pub mtime: Option<Timestamp>,
+    pub len: u32,
+}
+
+/// One stored file of a `PutFiles` answer: as `Response::Stored`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredItem {
+    /// BLAKE3 of the bytes stored.
+    pub hash: [u8; 32],
+    /// The file's attributes after the rename.
+    pub attr: Attr,
+}
+
+/// One file of a `GetFiles` answer: its attributes when it was read, and `len` bytes of the
+/// frame's data with their BLAKE3. A regular file has `len == attr.size` unless it did not fit in
+/// what was left of `max_bytes` (then `len` is 0: read it on its own) or it shrank while it was
+/// read; other kinds have `len` 0.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileItem {
+    pub attr: Attr,
+    pub hash: [u8; 32],
+    pub len: u32,
 }
 
 /// The id of every unasked `Response::Changed` frame. Clients number their requests from 1, so
@@ -317,4 +379,43 @@ pub struct LockSpec {
     pub pid: u32,
     /// A `flock` lock (whole file, tied to the open file) rather than an `fcntl` one.
     pub flock: bool,
+}
+
+#[cfg(test)]
+mod batch_tests {
+    use super::*;
+
+    fn attr() -> Attr {
+        let t = Timestamp::default();
+        Attr { ino: 1, kind: FileKind::File, perm: 0o644, nlink: 1, size: 3, blocks: 8, atime: t, mtime: t, ctime: t }
+    }
+
+    /// The batch messages' variant indices (PROTOCOL.md's tables) and their round trips.
+    #[test]
+    fn batch_variants_encode_at_their_indices() {
+        let p = || WirePath::new("d/x").expect("valid");
+        let item = PutItem { path: p(), mode: 0o600, mtime: Some(Timestamp { secs: 5, nanos: 6 }), len: 3 };
+        let requests = [
+            (29, Request::PutFiles { files: vec![item.clone(), item] }),
+            (30, Request::GetFiles { paths: vec![p(), p()], max_bytes: 1 << 20 }),
+            (31, Request::Sync { paths: vec![p()] }),
+        ];
+        for (index, request) in requests {
+            let header = RequestHeader { id: RequestId(1), request };
+            let enc = postcard::to_stdvec(&header).expect("encodes");
+            assert_eq!(enc[1], index, "{header:?}");
+            assert_eq!(postcard::from_bytes::<RequestHeader>(&enc).expect("decodes"), header);
+        }
+        let refused = WireError::new(crate::ErrorCode::QuotaExceeded, "quota");
+        let responses = [
+            (17, Response::StoredFiles { results: vec![Ok(StoredItem { hash: [7; 32], attr: attr() }), Err(refused)] }),
+            (18, Response::FilesData { results: vec![Ok(FileItem { attr: attr(), hash: [1; 32], len: 3 })] }),
+        ];
+        for (index, response) in responses {
+            let header = ResponseHeader { id: RequestId(1), result: Ok(response) };
+            let enc = postcard::to_stdvec(&header).expect("encodes");
+            assert_eq!(enc[2], index, "{header:?}");
+            assert_eq!(postcard::from_bytes::<ResponseHeader>(&enc).expect("decodes"), header);
+        }
+    }
 }

@@ -240,7 +240,7 @@ pub fn shell_quote(s: &OsStr) -> String {
     format!("'{}'", String::from_utf8_lossy(s.as_bytes()).replace('\'', r"'\''"))
 }
 
-fn run_bounded(mut c: Command, limit: Duration) -> Run {
+pub fn run_bounded(mut c: Command, limit: Duration) -> Run {
     c.stdout(Stdio::piped()).stderr(Stdio::piped());
     let child = c.spawn().expect("netcp starts");
     wait_output(child, limit)

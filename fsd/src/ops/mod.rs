@@ -136,6 +136,7 @@ impl AuthedSession {
             Request::Link { to, .. } => vec![to.clone()],
             Request::Write { fh, .. } | Request::WriteAttr { fh, .. } => handle_path(*fh, &burst),
             Request::CopyRange { dst, .. } => handle_path(*dst, &burst),
+            Request::PutFiles { files } => files.iter().map(|f| f.path.clone()).collect(),
             Request::Fsync { fh, .. } | Request::Close { fh } => handle_path(*fh, &dirty),
             _ => Vec::new(),
         }
@@ -251,6 +252,18 @@ impl AuthedSession {
             }
             Request::SyncFs => {
                 jail.run(whole::sync_fs).await?;
+                Response::Done
+            }
+            Request::PutFiles { files } => {
+                let results = jail.run(move |j| whole::put_files(j, &quota, &files, &data)).await?;
+                Response::StoredFiles { results: whole::to_wire(results, |e| self.log_failure(e)) }
+            }
+            Request::GetFiles { paths, max_bytes } => {
+                let (results, bytes) = jail.run(move |j| whole::get_files(j, &paths, max_bytes)).await?;
+                return Ok((Response::FilesData { results: whole::to_wire(results, |e| self.log_failure(e)) }, bytes));
+            }
+            Request::Sync { paths } => {
+                jail.run(move |j| whole::sync_paths(j, &paths)).await?;
                 Response::Done
             }
         };

@@ -42,7 +42,8 @@ both sides; a source that changed starts over. --no-resume always copies everyth
 Files up to 1 MiB go in one request each (stored under a temporary name and renamed by the server).
 
 Durability: files are not synced one by one. netcp exits 0 only after everything it copied is on
-disk: after a put, the server syncs the home's file system once (SyncFs); after a get, netcp
+disk: after a put, the server makes what this run wrote durable (Sync: the files, directories and
+links it stored; an older server syncs the home's file system, SyncFs); after a get, netcp
 syncs each local file system it wrote to once (syncfs). A failed sync counts as a failed file.
 
 Exit status:

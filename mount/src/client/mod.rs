@@ -10,8 +10,8 @@
 
 use bytes::Bytes;
 use homefs_shared::{
-    Attr, DirEntry, ErrorCode, Fh, LockSpec, OpenFlags, RenameFlags, Request, Response, SetAttr, StatFs, Timestamp,
-    WireError, WirePath, MAX_DATA_BYTES,
+    Attr, DirEntry, ErrorCode, Fh, FileItem, LockSpec, OpenFlags, PutItem, RenameFlags, Request, Response, SetAttr,
+    StatFs, StoredItem, Timestamp, WireError, WirePath, MAX_DATA_BYTES,
 };
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -660,6 +660,93 @@ impl Client {
     /// The server's error (`Io` when the disk failed), or the connection's.
     pub async fn sync_fs(&self) -> Result<(), WireError> {
         self.exec(Request::SyncFs, Bytes::new()).await.map(drop)
+    }
+}
+
+impl Client {
+    /// Stores many small files in one request (`PutFiles`): `files[i]`'s content is the next
+    /// `files[i].len` bytes of `data`; each is stored as [`Client::put_file`] stores one (not
+    /// exclusive). Returns each file's outcome in order: the server's BLAKE3 of what it stored and
+    /// the new attributes, or why that file was refused. Not repeated after a lost connection.
+    ///
+    /// # Errors
+    /// For the whole batch: `TooBig` (more than [`homefs_shared::MAX_BATCH_FILES`] files or
+    /// [`MAX_DATA_BYTES`] bytes), `Invalid` (lengths that do not add up), an older server's
+    /// refusal (`Protocol`, `NoSys`, `NotSupported`, or a lost connection: it cannot decode the
+    /// request), or the connection's.
+    pub async fn put_files(
+        &self,
+        files: Vec<PutItem>,
+        data: Bytes,
+    ) -> Result<Vec<Result<StoredItem, WireError>>, WireError> {
+        if files.len() > homefs_shared::MAX_BATCH_FILES || data.len() > MAX_DATA_BYTES as usize {
+            return Err(WireError::new(ErrorCode::TooBig, "too large for one put_files"));
+        }
+        if files.iter().map(|f| u64::from(f.len)).sum::<u64>() != data.len() as u64 {
+            return Err(WireError::new(ErrorCode::Invalid, "put_files: the lengths do not add up to the data"));
+        }
+        let n = files.len();
+        match self.exec(Request::PutFiles { files }, data).await?.0 {
+            Response::StoredFiles { results } if results.len() == n => Ok(results),
+            _ => Err(unexpected("PutFiles")),
+        }
+    }
+
+    /// Reads many small files in one request (`GetFiles`): each path's attributes, BLAKE3 and
+    /// bytes, in order, at most `max_bytes` of bytes in all (a regular file that did not fit comes
+    /// with its attributes and no bytes: read it on its own). The bytes are views of the one frame.
+    ///
+    /// # Errors
+    /// For the whole batch: `TooBig` (more than [`homefs_shared::MAX_BATCH_FILES`] paths), an
+    /// older server's refusal (as [`Client::put_files`]), or the connection's.
+    pub async fn get_files(
+        &self,
+        paths: Vec<WirePath>,
+        max_bytes: u32,
+    ) -> Result<Vec<Result<(FileItem, Bytes), WireError>>, WireError> {
+        if paths.len() > homefs_shared::MAX_BATCH_FILES {
+            return Err(WireError::new(ErrorCode::TooBig, "too many paths for one get_files"));
+        }
+        let n = paths.len();
+        let request = Request::GetFiles { paths, max_bytes: max_bytes.min(MAX_DATA_BYTES) };
+        let (results, data) = match self.exec(request, Bytes::new()).await? {
+            (Response::FilesData { results }, data, _) if results.len() == n => (results, data),
+            _ => return Err(unexpected("GetFiles")),
+        };
+        let mut at = 0usize;
+        let mut out = Vec::with_capacity(n);
+        for r in results {
+            out.push(match r {
+                Ok(item) => {
+                    let end = at + item.len as usize;
+                    if end > data.len() {
+                        return Err(WireError::new(ErrorCode::Protocol, "GetFiles: lengths past the data"));
+                    }
+                    let bytes = data.slice(at..end);
+                    at = end;
+                    Ok((item, bytes))
+                }
+                Err(e) => Err(e),
+            });
+        }
+        if at != data.len() {
+            return Err(WireError::new(ErrorCode::Protocol, "GetFiles: data beyond the lengths"));
+        }
+        Ok(out)
+    }
+
+    /// Makes what is at `paths` durable on the server (`Sync`: each file and directory, and each
+    /// path's entry in its directory; at most [`homefs_shared::MAX_SYNC_PATHS`] paths): returns
+    /// once it is on disk.
+    ///
+    /// # Errors
+    /// The server's error (`Io` when the disk failed), an older server's refusal (as
+    /// [`Client::put_files`]), or the connection's.
+    pub async fn sync_paths(&self, paths: Vec<WirePath>) -> Result<(), WireError> {
+        if paths.len() > homefs_shared::MAX_SYNC_PATHS {
+            return Err(WireError::new(ErrorCode::TooBig, "too many paths for one sync"));
+        }
+        self.exec(Request::Sync { paths }, Bytes::new()).await.map(drop)
     }
 }
 

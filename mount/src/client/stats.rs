@@ -5,7 +5,7 @@ use homefs_shared::Request;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 /// The kinds counted, in the order [`kind`] numbers them.
-const KINDS: [&str; 29] = [
+const KINDS: [&str; 32] = [
     "hello",
     "login",
     "resume",
@@ -35,6 +35,9 @@ const KINDS: [&str; 29] = [
     "put_file",
     "get_file",
     "sync_fs",
+    "put_files",
+    "get_files",
+    "sync",
 ];
 
 /// The index of a request's kind in [`KINDS`].
@@ -69,6 +72,9 @@ fn kind(r: &Request) -> usize {
         Request::PutFile { .. } => 26,
         Request::GetFile { .. } => 27,
         Request::SyncFs => 28,
+        Request::PutFiles { .. } => 29,
+        Request::GetFiles { .. } => 30,
+        Request::Sync { .. } => 31,
     }
 }
 

@@ -6,8 +6,10 @@
 //! - [`progress`]: indicatif bars on a terminal, else one summary line per file.
 //! - [`rate`]: `--bwlimit`, one bandwidth limit for the whole process.
 //! - [`tree`]: many files and trees (`-r`, `-j`), symlinks kept as symlinks.
+//! - [`batch`]: a tree's small files in batches (`PutFiles`/`GetFiles`), and `Sync` of what a put wrote.
 //! - [`shell`]: the FTP-style interactive shell.
 
+pub mod batch;
 pub mod progress;
 pub mod rate;
 pub mod remote;

@@ -26,6 +26,7 @@ use rustyline::validate::Validator;
 use rustyline::{Context, Editor, Helper};
 use tokio::runtime::Handle;
 
+use super::batch::{self, Batches};
 use super::progress::{Output, Progress};
 use super::remote::{local_name, RemoteCwd};
 use super::transfer::{self, TransferOptions};
@@ -88,12 +89,15 @@ pub struct Shell {
     cwd: Arc<Mutex<RemoteCwd>>,
     opts: TransferOptions,
     quiet: bool,
+    /// Whether the server takes `Sync` (an older one does not: then `SyncFs`).
+    batches: Batches,
 }
 
 impl Shell {
     /// A shell on a logged-in client, in the home.
     pub fn new(client: Client, handle: Handle, opts: TransferOptions, quiet: bool) -> Shell {
-        Shell { client, handle, cwd: Arc::new(Mutex::new(RemoteCwd::default())), opts, quiet }
+        let batches = Batches::new(true);
+        Shell { client, handle, cwd: Arc::new(Mutex::new(RemoteCwd::default())), opts, quiet, batches }
     }
 
     fn cwd(&self) -> RemoteCwd {
@@ -290,8 +294,8 @@ impl Shell {
                 let bar = progress.start(src, size);
                 let put = handle.block_on(async {
                     let outcome = transfer::put(&self.client, &local, &target, self.opts, &bar).await?;
-                    // Durable on the server before the command reports success.
-                    transfer::sync_remote(&self.client).await.map(|()| outcome)
+                    // Durable on the server before the command reports success: that file only.
+                    batch::sync(&self.client, vec![target.clone()], &self.batches, 1).await.map(|()| outcome)
                 });
                 match put {
                     Ok(outcome) => bar.finish(&outcome),

@@ -2,8 +2,9 @@
 //! pipelined 256 KiB requests through the one connection; BLAKE3 over the whole file on both ends,
 //! written under a temporary name and renamed into place only once it verifies.
 //!
-//! Durability: no file is synced on its own. The caller syncs once at the end of a run ([`sync_remote`]
-//! for puts, [`sync_local`] for gets) and reports success only after that; resume does not rely
+//! Durability: no file is synced on its own. The caller syncs once at the end of a run (for puts
+//! `Sync` of what the run wrote, see [`super::batch::sync`], or [`sync_remote`] with an older
+//! server; [`sync_local`] for gets) and reports success only after that; resume does not rely
 //! on syncs, as it verifies the partial file's hash before continuing it.
 //!
 //! A get: the client hashes the bytes as they stream (continuing the hash of a verified prefix when
@@ -490,7 +491,7 @@ pub async fn get_sized(
 }
 
 /// The local partial file for `local` and the source version `id`.
-fn local_part(local: &Path, id: &SourceId) -> Result<(PathBuf, Vec<u8>), CopyError> {
+pub(super) fn local_part(local: &Path, id: &SourceId) -> Result<(PathBuf, Vec<u8>), CopyError> {
     let name = local
         .file_name()
         .ok_or_else(|| CopyError::Unsupported("the destination has no file name".into()))?
@@ -692,7 +693,7 @@ fn remove_stale_local(part: &Path, name: &[u8], id: &SourceId) {
 /// # Errors
 /// The local error; [`CopyError::SourceChanged`] when a small file's size or mtime moved while it
 /// was read.
-fn read_source(path: &Path) -> Result<(std::fs::Metadata, Option<SmallSource>), CopyError> {
+pub(super) fn read_source(path: &Path) -> Result<(std::fs::Metadata, Option<SmallSource>), CopyError> {
     use std::os::unix::fs::OpenOptionsExt;
     let file = match OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK).open(path) {
         Ok(f) => f,
@@ -716,9 +717,9 @@ fn read_source(path: &Path) -> Result<(std::fs::Metadata, Option<SmallSource>), 
 }
 
 /// A small file's bytes and their BLAKE3.
-struct SmallSource {
-    data: Vec<u8>,
-    hash: blake3::Hash,
+pub(super) struct SmallSource {
+    pub(super) data: Vec<u8>,
+    pub(super) hash: blake3::Hash,
 }
 
 /// A file of at most [`SMALL_FILE_BYTES`] in one `PutFile`: its bytes (read and hashed by
@@ -791,26 +792,36 @@ async fn get_small(
     let id = SourceId { size: attr.size, mtime: attr.mtime };
     let (part, _) = local_part(local, &id)?;
     let to = local.to_path_buf();
-    tokio::task::spawn_blocking(move || -> io::Result<()> {
-        let stored = (|| {
-            let mut file = File::create(&part)?;
-            file.write_all(&data)?;
-            if opts.preserve {
-                file.set_permissions(std::fs::Permissions::from_mode(attr.perm & 0o7777))?;
-                file.set_modified(system_time(attr.mtime))?;
-            }
-            drop(file);
-            std::fs::rename(&part, &to)
-        })();
-        if stored.is_err() {
-            let _ = std::fs::remove_file(&part);
-        }
-        stored
-    })
-    .await
-    .map_err(join_error)??;
+    tokio::task::spawn_blocking(move || store_local(&part, &to, &data, &attr, opts.preserve))
+        .await
+        .map_err(join_error)??;
     bar.inc(attr.size);
     Ok(Some(Outcome { bytes: attr.size, resumed_at: None, sent: attr.size, elapsed: started.elapsed() }))
+}
+
+/// Writes a small file's verified bytes to `part`, with the source's mode and mtime when
+/// `preserve`, and renames it to `to`; on failure `part` is removed. Blocking.
+pub(super) fn store_local(
+    part: &Path,
+    to: &Path,
+    data: &[u8],
+    attr: &homefs_shared::Attr,
+    preserve: bool,
+) -> io::Result<()> {
+    let stored = (|| {
+        let mut file = File::create(part)?;
+        file.write_all(data)?;
+        if preserve {
+            file.set_permissions(std::fs::Permissions::from_mode(attr.perm & 0o7777))?;
+            file.set_modified(system_time(attr.mtime))?;
+        }
+        drop(file);
+        std::fs::rename(part, to)
+    })();
+    if stored.is_err() {
+        let _ = std::fs::remove_file(part);
+    }
+    stored
 }
 
 /// Makes everything this client put durable: one `SyncFs` on the server.
@@ -821,36 +832,116 @@ pub async fn sync_remote(client: &Client) -> Result<(), CopyError> {
     client.sync_fs().await.map_err(CopyError::from)
 }
 
-/// Makes local files durable: one `syncfs` of each file system holding one of `paths` (files or
-/// directories; a path that is gone is skipped), not one fsync per file.
+/// Makes what a get wrote locally durable: each of `paths` (files, directories; a symlink is not
+/// followed, its directory keeps it) is fsynced, after the writeback of all of them was started,
+/// then each parent directory once; or, when that is expected to be cheaper, one `syncfs` of each
+/// file system holding them. The choice is fsd's for `Sync` (fsd/src/ops/whole.rs, measured
+/// there): an fsync costs ~66 us a path, a `syncfs` ~4 ms plus the writeback of everything dirty on
+/// the file system (other processes' data too: 1 GiB took ~300 ms); the dirty amount is read from
+/// `/proc/meminfo` (system-wide, an over-estimate that leans toward the fsyncs). A path that is
+/// gone is skipped.
 ///
 /// # Errors
-/// The first `syncfs` (or open) that failed.
+/// The first fsync, `syncfs` or open that failed.
 pub fn sync_local<'a>(paths: impl IntoIterator<Item = &'a Path>) -> io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let paths: Vec<&Path> = paths.into_iter().collect();
+    let mut dirs: Vec<PathBuf> = paths
+        .iter()
+        .map(|p| match p.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+            _ => PathBuf::from("."),
+        })
+        .collect();
+    dirs.sort();
+    dirs.dedup();
+    if syncfs_is_cheaper(paths.len() + dirs.len(), dirty_bytes()) {
+        return sync_file_systems(&dirs);
+    }
+    let mut files = Vec::with_capacity(paths.len());
+    for p in &paths {
+        match OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK).open(p) {
+            Ok(f) => {
+                // Starts the writeback without waiting, so that the fsyncs below mostly wait.
+                let _ = rustix::fs::fadvise(&f, 0, None, rustix::fs::Advice::DontNeed);
+                files.push(f);
+            }
+            Err(e) if matches!(e.raw_os_error(), Some(libc::ELOOP | libc::ENOENT)) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    for f in &files {
+        f.sync_all()?;
+    }
+    for d in &dirs {
+        match File::open(d) {
+            Ok(f) => f.sync_all()?,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// One `syncfs` of each file system holding one of `dirs` (a directory that is gone is skipped).
+fn sync_file_systems(dirs: &[PathBuf]) -> io::Result<()> {
     use std::os::unix::fs::MetadataExt;
     let mut seen = std::collections::HashSet::new();
-    for p in paths {
-        // A directory itself, else (a file, a symlink: never followed) the directory holding it.
-        let dir = if std::fs::symlink_metadata(p).is_ok_and(|m| m.is_dir()) {
-            p.to_path_buf()
-        } else {
-            match p.parent() {
-                Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-                _ => PathBuf::from("."),
-            }
-        };
-        let Ok(meta) = std::fs::metadata(&dir) else { continue };
+    for dir in dirs {
+        let Ok(meta) = std::fs::metadata(dir) else { continue };
         if seen.insert(meta.dev()) {
-            let fd = File::open(&dir)?;
+            let fd = File::open(dir)?;
             rustix::fs::syncfs(&fd)?;
         }
     }
     Ok(())
 }
 
+/// The fixed cost of a `syncfs` with little dirty (see [`sync_local`]).
+const SYNCFS_BASE: std::time::Duration = std::time::Duration::from_millis(4);
+/// How fast a `syncfs` writes others' dirty data back (1 GiB in ~300 ms here).
+const WRITEBACK_BYTES_PER_SEC: u64 = 3 << 30;
+/// What one fsync costs (it ends in a disk cache flush).
+const FSYNC_EACH: std::time::Duration = std::time::Duration::from_micros(66);
+
+/// Bytes waiting for writeback, system-wide (`Dirty` + `Writeback` of `/proc/meminfo`).
+fn dirty_bytes() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let mut total = 0;
+    for line in text.lines() {
+        let Some((key, rest)) = line.split_once(':') else { continue };
+        if key == "Dirty" || key == "Writeback" {
+            let kib: u64 = rest.trim().trim_end_matches("kB").trim().parse().ok()?;
+            total += kib * 1024;
+        }
+    }
+    Some(total)
+}
+
+/// Whether one `syncfs` is expected to be cheaper than `fsyncs` fsyncs with `dirty` bytes dirty
+/// (unknown: as if nothing else were dirty).
+fn syncfs_is_cheaper(fsyncs: usize, dirty: Option<u64>) -> bool {
+    let flush = std::time::Duration::from_secs_f64(dirty.unwrap_or(0) as f64 / WRITEBACK_BYTES_PER_SEC as f64);
+    SYNCFS_BASE + flush < FSYNC_EACH * u32::try_from(fsyncs).unwrap_or(u32::MAX)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn local_sync_takes_fsyncs_when_few_or_much_is_dirty() {
+        assert!(!syncfs_is_cheaper(2, Some(0)));
+        assert!(syncfs_is_cheaper(5_050, Some(50 << 20)));
+        assert!(!syncfs_is_cheaper(300, Some(1 << 30)));
+        assert!(dirty_bytes().is_some(), "/proc/meminfo is readable here");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let f = dir.path().join("f");
+        std::fs::write(&f, b"x").expect("write");
+        std::os::unix::fs::symlink("/nowhere", dir.path().join("l")).expect("symlink");
+        let (l, gone) = (dir.path().join("l"), dir.path().join("gone"));
+        sync_local([f.as_path(), l.as_path(), gone.as_path(), dir.path()]).expect("synced");
+    }
 
     #[test]
     fn times_round_trip() {

@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use futures::stream::{self, StreamExt};
 use homefs_shared::{Attr, ErrorCode, FileKind, SetAttr, SetTime, Timestamp, WirePath};
 
+use super::batch;
 use super::progress::{FileProgress, Outcome, Progress};
 use super::remote::{last_name, local_name};
 use super::resume::{self, SourceId};
@@ -207,33 +208,53 @@ fn set_total<L, R>(plan: &[Step<L, R>], progress: &mut Progress) {
     }
 }
 
-/// Copies `files` with `copy`, `jobs` at a time, each with its own bar; returns each file's label
-/// and outcome (in completion order). Both directions of a tree copy share it.
-async fn copy_files<S, D, Fut>(
-    files: Vec<(S, D, SourceId)>,
+/// A file to copy, with the bar that shows it.
+type Job<S, D> = (S, D, SourceId, FileProgress);
+
+/// Copies `units` (groups of files from [`batch::group`]) with `copy`, `jobs` units at a time,
+/// each file with its own bar; returns each file's label, target and outcome (in completion
+/// order). The first unit of several files goes alone, before the others: against a server that
+/// does not know batches, only that one is refused (or loses the connection). Both directions of a
+/// tree copy share it.
+async fn copy_units<S, D, Fut>(
+    units: Vec<Vec<(S, D, SourceId)>>,
     jobs: usize,
     progress: &Progress,
     label: impl Fn(&S) -> String,
-    copy: impl Fn(S, D, FileProgress) -> Fut,
-) -> Vec<(String, Result<(), CopyError>)>
+    copy: impl Fn(Vec<Job<S, D>>) -> Fut,
+) -> Vec<(String, D, Result<(), CopyError>)>
 where
-    Fut: std::future::Future<Output = (Result<Outcome, CopyError>, FileProgress)>,
+    Fut: std::future::Future<Output = (Vec<Job<S, D>>, Vec<Result<Outcome, CopyError>>)>,
 {
     let (label, copy) = (&label, &copy);
-    stream::iter(files)
-        .map(|(from, to, id)| async move {
-            let name = label(&from);
-            let bar = progress.start(&name, id.size);
-            let (r, bar) = copy(from, to, bar).await;
-            match &r {
-                Ok(outcome) => bar.finish(outcome),
-                Err(_) => bar.fail(),
-            }
-            (name, r.map(|_| ()))
-        })
-        .buffer_unordered(jobs.max(1))
-        .collect()
-        .await
+    let run = |unit: Vec<(S, D, SourceId)>| async move {
+        let jobs: Vec<Job<S, D>> = unit
+            .into_iter()
+            .map(|(from, to, id)| {
+                let bar = progress.start(&label(&from), id.size);
+                (from, to, id, bar)
+            })
+            .collect();
+        let (jobs, results) = copy(jobs).await;
+        jobs.into_iter()
+            .zip(results)
+            .map(|((from, to, _, bar), r)| {
+                match &r {
+                    Ok(outcome) => bar.finish(outcome),
+                    Err(_) => bar.fail(),
+                }
+                (label(&from), to, r.map(|_| ()))
+            })
+            .collect::<Vec<_>>()
+    };
+    let mut units = units;
+    let mut done = Vec::new();
+    if let Some(i) = units.iter().position(|u| u.len() > 1) {
+        done.extend(run(units.swap_remove(i)).await);
+    }
+    let rest: Vec<_> = stream::iter(units).map(run).buffer_unordered(jobs.max(1)).collect().await;
+    done.extend(rest.into_iter().flatten());
+    done
 }
 
 async fn execute_put(
@@ -286,15 +307,30 @@ async fn execute_put(
     }
     let topts = TransferOptions { preserve: opts.preserve, resume: opts.resume, swept };
     let sync_label = dest_label(&dirs);
-    let results = copy_files(
-        files,
+    // What this run wrote on the server, to be made durable at the end.
+    let mut written: Vec<WirePath> = dirs.iter().map(|(to, _, _)| to.clone()).collect();
+    written.extend(links.iter().map(|(_, to)| to.clone()));
+    let batches = batch::Batches::new(true);
+    let units = batch::group(files, |f| f.2.size, |f| f.1.as_bytes().len());
+    let (batches_ref, jobs) = (&batches, opts.jobs);
+    let results = copy_units(
+        units,
         opts.jobs,
         progress,
         |from| show(from),
-        |from: PathBuf, to: WirePath, bar| async move { (transfer::put(client, &from, &to, topts, &bar).await, bar) },
+        |files| async move {
+            let results = match files.as_slice() {
+                [(from, to, _, bar)] => vec![transfer::put(client, from, to, topts, bar).await],
+                _ => batch::put(client, &files, topts, batches_ref, jobs).await,
+            };
+            (files, results)
+        },
     )
     .await;
-    for (label, r) in results {
+    for (label, to, r) in results {
+        if r.is_ok() {
+            written.push(to);
+        }
         report.record(progress, "put", &label, r);
     }
     if opts.preserve {
@@ -307,10 +343,11 @@ async fn execute_put(
         }
     }
     // One sync for the whole run (after the last change, -p included) instead of one per file:
-    // success means on the server's disk.
+    // success means on the server's disk. Only what this run wrote (`Sync`), so that the run does
+    // not wait for other processes' dirty data on the server's file system (a `SyncFs` would).
     if any_steps {
         let started = std::time::Instant::now();
-        let synced = transfer::sync_remote(client).await;
+        let synced = batch::sync(client, written, &batches, opts.jobs).await;
         tracing::debug!(elapsed = ?started.elapsed(), "server file system synced");
         if let Err(e) = synced {
             report.record(progress, "sync", &sync_label, Err(e));
@@ -484,14 +521,15 @@ async fn execute_get(
     report: &mut Report,
 ) {
     set_total(&plan, progress);
-    // Every local path this run writes: the file systems to sync at the end.
+    // Every local directory and symlink this run makes, and later every file it stores: what to
+    // make durable at the end.
     let mut targets: Vec<PathBuf> = plan
         .iter()
-        .map(|s| match s {
-            Step::Dir { to, .. } | Step::Symlink { to, .. } | Step::File { to, .. } => to.clone(),
+        .filter_map(|s| match s {
+            Step::Dir { to, .. } | Step::Symlink { to, .. } => Some(to.clone()),
+            Step::File { .. } => None,
         })
         .collect();
-    targets.dedup_by(|a, b| a.parent() == b.parent());
     let mut files = Vec::new();
     let mut dirs = Vec::new();
     for step in plan {
@@ -518,18 +556,27 @@ async fn execute_get(
     }
     let topts = TransferOptions { preserve: opts.preserve, resume: opts.resume, swept };
     // Each source with its size from the listing, so that a large file is streamed at once.
-    let files = files.into_iter().map(|(from, to, id)| ((from, id.size), to, id)).collect();
-    let results = copy_files(
-        files,
+    let batches = batch::Batches::new(true);
+    let units = batch::group(files, |f| f.2.size, |f| f.0.as_bytes().len());
+    let (batches_ref, jobs) = (&batches, opts.jobs);
+    let results = copy_units(
+        units,
         opts.jobs,
         progress,
-        |(from, _)| from.to_string(),
-        |(from, size): (WirePath, u64), to: PathBuf, bar| async move {
-            (transfer::get_sized(client, &from, &to, topts, &bar, Some(size)).await, bar)
+        |from| from.to_string(),
+        |files| async move {
+            let results = match files.as_slice() {
+                [(from, to, id, bar)] => vec![transfer::get_sized(client, from, to, topts, bar, Some(id.size)).await],
+                _ => batch::get(client, &files, topts, batches_ref, jobs).await,
+            };
+            (files, results)
         },
     )
     .await;
-    for (label, r) in results {
+    for (label, to, r) in results {
+        if r.is_ok() {
+            targets.push(to);
+        }
         report.record(progress, "get", &label, r);
     }
     if opts.preserve {
@@ -541,7 +588,7 @@ async fn execute_get(
             }
         }
     }
-    // One syncfs per local file system instead of an fsync per file.
+    // Only what this run wrote (or one syncfs per local file system, when that is cheaper).
     if !targets.is_empty() {
         let label = show(&targets[0]);
         let started = std::time::Instant::now();
