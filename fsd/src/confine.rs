@@ -1,6 +1,7 @@
 //! Landlock: after start, fsd confines itself to its storage root (read/write), its config
 //! directory and the users file's directory (read: the server only re-reads the users file; the
-//! `fsd user` commands that write it are other, unconfined processes) and its log file (write), so that
+//! `fsd user` commands that write it are other, unconfined processes), its log file (write) and
+//! `/proc/meminfo` (read: the dirty data that decides how a `Sync` is done), so that
 //! even a bug in path handling cannot reach the rest of the machine. Best effort: on a kernel
 //! without Landlock the server runs unconfined and says so.
 
@@ -36,6 +37,13 @@ pub fn prepare(config: &Config, config_dir: &Path) -> Result<RulesetCreated, Con
         .create()?
         .add_rules(path_beneath_rules([&config.storage.root], all))?
         .add_rules(path_beneath_rules([config_dir, users_dir], read))?;
+    // Read only, one file: how much data waits for writeback decides whether a netcp `Sync` is
+    // cheaper as one `syncfs` or as an fsync per path (ops/whole.rs). Without it, the server
+    // assumes nothing else is dirty.
+    let meminfo = Path::new("/proc/meminfo");
+    if meminfo.is_file() {
+        ruleset = ruleset.add_rules(path_beneath_rules([meminfo], AccessFs::ReadFile))?;
+    }
     if !config.log.file.as_os_str().is_empty() {
         ruleset = ruleset.add_rules(path_beneath_rules([&config.log.file], AccessFs::from_write(ABI_VERSION)))?;
     }
