@@ -10,9 +10,9 @@
 use bytes::{BufMut, BytesMut};
 use homefs_shared::frame::{encode_prefix, FrameCodec};
 use homefs_shared::{
-    Attr, DirEntry, ErrorCode, Fh, FileKind, Frame, FrameError, LockKind, LockSpec, OpenFlags, RenameFlags, Request,
-    RequestHeader, RequestId, Response, ResponseHeader, SetAttr, SetTime, StatFs, Timestamp, Token, WireError,
-    WirePath, MAX_DATA_BYTES, MAX_FRAME_BYTES, NOTICE_ID,
+    Attr, DirEntry, ErrorCode, Fh, FileItem, FileKind, Frame, FrameError, LockKind, LockSpec, OpenFlags, PutItem,
+    RenameFlags, Request, RequestHeader, RequestId, Response, ResponseHeader, SetAttr, SetTime, StatFs, StoredItem,
+    Timestamp, Token, WireError, WirePath, MAX_DATA_BYTES, MAX_FRAME_BYTES, NOTICE_ID,
 };
 use proptest::collection::vec;
 use proptest::prelude::*;
@@ -164,7 +164,19 @@ fn request() -> impl Strategy<Value = Request> {
             .prop_map(|(path, mode, mtime, exclusive)| Request::PutFile { path, mode, mtime, exclusive }),
         (wire_path(), any::<u32>()).prop_map(|(path, max_len)| Request::GetFile { path, max_len }),
         Just(Request::SyncFs),
+        vec(put_item(), 0..6).prop_map(|files| Request::PutFiles { files }),
+        (vec(wire_path(), 0..6), any::<u32>()).prop_map(|(paths, max_bytes)| Request::GetFiles { paths, max_bytes }),
+        vec(wire_path(), 0..6).prop_map(|paths| Request::Sync { paths }),
     ]
+}
+
+fn put_item() -> impl Strategy<Value = PutItem> {
+    (wire_path(), any::<u32>(), proptest::option::of(timestamp()), any::<u32>())
+        .prop_map(|(path, mode, mtime, len)| PutItem { path, mode, mtime, len })
+}
+
+fn wire_error() -> impl Strategy<Value = WireError> {
+    (error_code(), ".{0,30}").prop_map(|(code, message)| WireError::new(code, message))
 }
 
 fn response() -> impl Strategy<Value = Response> {
@@ -198,6 +210,26 @@ fn response() -> impl Strategy<Value = Response> {
         (vec(wire_path(), 0..8), any::<bool>()).prop_map(|(paths, all)| Response::Changed { paths, all }),
         (any::<[u8; 32]>(), attr()).prop_map(|(hash, attr)| Response::Stored { hash, attr }),
         (attr(), any::<[u8; 32]>()).prop_map(|(attr, hash)| Response::FileData { attr, hash }),
+        vec(
+            prop_oneof![
+                (any::<[u8; 32]>(), attr()).prop_map(|(hash, attr)| Ok(StoredItem { hash, attr })),
+                wire_error().prop_map(Err)
+            ],
+            0..6
+        )
+        .prop_map(|results| Response::StoredFiles { results }),
+        vec(
+            prop_oneof![
+                (attr(), any::<[u8; 32]>(), any::<u32>()).prop_map(|(attr, hash, len)| Ok(FileItem {
+                    attr,
+                    hash,
+                    len
+                })),
+                wire_error().prop_map(Err)
+            ],
+            0..6
+        )
+        .prop_map(|results| Response::FilesData { results }),
     ]
 }
 
@@ -551,6 +583,9 @@ fn protocol_md_variant_indices() {
         (26, "PutFile", Request::PutFile { path: p(), mode: 0, mtime: None, exclusive: false }),
         (27, "GetFile", Request::GetFile { path: p(), max_len: 0 }),
         (28, "SyncFs", Request::SyncFs),
+        (29, "PutFiles", Request::PutFiles { files: vec![] }),
+        (30, "GetFiles", Request::GetFiles { paths: vec![p()], max_bytes: 0 }),
+        (31, "Sync", Request::Sync { paths: vec![p()] }),
     ];
     for (index, name, request) in requests {
         let enc = postcard::to_stdvec(&RequestHeader { id: RequestId(0), request }).expect("encodes");
@@ -567,6 +602,8 @@ fn protocol_md_variant_indices() {
         (14, "Changed", Response::Changed { paths: vec![p()], all: false }),
         (15, "Stored", Response::Stored { hash: [0; 32], attr: some_attr() }),
         (16, "FileData", Response::FileData { attr: some_attr(), hash: [0; 32] }),
+        (17, "StoredFiles", Response::StoredFiles { results: vec![] }),
+        (18, "FilesData", Response::FilesData { results: vec![] }),
     ];
     for (index, name, response) in responses {
         let enc = postcard::to_stdvec(&ResponseHeader { id: RequestId(0), result: Ok(response) }).expect("encodes");
