@@ -318,6 +318,12 @@ install_missing() {
 }
 
 prepare() {
+  local own
+  for own in backing mnt xfer fsd images; do  # the script empties (or mounts over) these
+    case "$(readlink -m "$OUTDIR")/" in "$(readlink -m "$WORK/$own")"/*)
+      echo "BENCH_TABLE's directory $OUTDIR is inside $WORK/$own, which the run empties: choose another" >&2; CLEANED=1; exit 2 ;;
+    esac
+  done
   mkdir -p "$LOGS" "$WORK"
   : >"$LOGS/run.log"
   install_missing
