@@ -4,6 +4,7 @@ mod jail;
 mod login;
 mod mount_behind;
 mod mount_cli;
+mod mount_create;
 mod mount_fsx;
 mod mount_model;
 mod mount_multi;

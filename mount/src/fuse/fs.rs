@@ -24,6 +24,7 @@ use std::time::{Duration, SystemTime};
 use tokio::runtime::Handle;
 
 use super::attr::{file_type, set_time, BLOCK_SIZE};
+use super::inodes::is_provisional;
 use super::ops::{lock_spec, Entry, Remote};
 
 /// Reads and writes of 1 MiB (`max_write`, and readahead as far as the kernel allows).
@@ -183,16 +184,20 @@ impl Filesystem for HomeFs {
         Ok(())
     }
 
-    /// The session ended (unmounted): unlinks answered behind are sent before the process
-    /// goes (bounded by [`super::unlinks::WAIT_FOR_UNLINKS`]). Runs on the thread that ran the
-    /// session, outside the runtime.
+    /// The session ended (unmounted): files created behind are stored and unlinks answered
+    /// behind are sent before the process goes (bounded by [`super::creates::DRAIN`] and
+    /// [`super::unlinks::WAIT_FOR_UNLINKS`]). Runs on the thread that ran the session, outside
+    /// the runtime.
     fn destroy(&mut self) {
         if tokio::runtime::Handle::try_current().is_ok() {
             // Not expected (the session runs on its own threads); blocking here would panic.
             return tracing::warn!("destroy inside the runtime: unlinks answered behind not awaited");
         }
         let remote = self.remote.clone();
-        self.rt.block_on(async move { remote.wait_for_all_unlinks().await });
+        self.rt.block_on(async move {
+            remote.drain_creates().await;
+            remote.wait_for_all_unlinks().await
+        });
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
@@ -249,6 +254,23 @@ impl Filesystem for HomeFs {
         let set =
             SetAttr { mode: mode.map(|m| m & 0o7777), size, atime: atime.map(set_time), mtime: mtime.map(set_time) };
         let ttl = self.ttl();
+        // A file created behind and still pending: kept in its pending state (creates.rs).
+        if is_provisional(ino.0) || fh.is_some_and(|f| is_provisional(f.0)) {
+            if let Some(answer) = self.remote.setattr_created_now(ino.0, set, uid, gid) {
+                self.count("setattr");
+                return match answer {
+                    Ok(attr) => reply.attr(&ttl, &attr),
+                    Err(e) => reply.error(e),
+                };
+            }
+            return self.spawn("setattr", move |r| async move {
+                r.writes.settle(ino.0).await;
+                match r.setattr_created(ino.0, set, fh.map(|f| f.0), uid, gid).await {
+                    Ok(attr) => reply.attr(&ttl, &attr),
+                    Err(e) => reply.error(e),
+                }
+            });
+        }
         // A no-op for the server (`tar x`'s `fchown` to ourselves, a chmod to the same mode): no hop.
         if let Some(answer) = self.remote.setattr_cached(ino.0, set, uid, gid) {
             self.count("setattr");
@@ -362,6 +384,14 @@ impl Filesystem for HomeFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
+        if is_provisional(fh.0) {
+            return self.spawn("read", move |r| async move {
+                match r.read_created(ino.0, fh.0, offset, size).await {
+                    Ok(data) => reply.data(&data),
+                    Err(e) => reply.error(e),
+                }
+            });
+        }
         // Small reads on this thread, one hop less each way (reads.rs says when); the rest below.
         let Some(reply) = super::reads::inline(&self.remote, &self.rt, ino.0, fh.0, offset, size, reply) else {
             self.count("read");
@@ -390,6 +420,15 @@ impl Filesystem for HomeFs {
     ) {
         // The one copy on the way out: the kernel's buffer is borrowed for this call only.
         let data = Bytes::copy_from_slice(data);
+        if is_provisional(fh.0) {
+            // Into the pending file's buffer while it fits (creates.rs).
+            return self.spawn("write", move |r| async move {
+                match r.write_created(ino.0, fh.0, offset, data, flags.0).await {
+                    Ok(n) => reply.written(n),
+                    Err(e) => reply.error(e),
+                }
+            });
+        }
         // Appends (the server picks the offset: order matters) and O_SYNC/O_DSYNC writes (the
         // caller wants them done on return) go through at once, after any queued ones.
         let in_order = flags.0 & (libc::O_APPEND | libc::O_SYNC | libc::O_DSYNC) != 0;
@@ -402,6 +441,12 @@ impl Filesystem for HomeFs {
     }
 
     fn flush(&self, _req: &Request, ino: INodeNo, fh: FileHandle, lock_owner: LockOwner, reply: ReplyEmpty) {
+        if is_provisional(fh.0) {
+            // The first close of a file created behind stores it; its error is close's.
+            return self.spawn("flush", move |r| async move {
+                reply_empty(reply, r.flush_created(ino.0, fh.0, lock_owner.0).await)
+            });
+        }
         let writes = self.remote.writes.pending(ino.0) || self.remote.writes.has_error(fh.0);
         let unlock = self.remote.flush_needs_unlock(fh.0, lock_owner.0);
         if !writes && !unlock {
@@ -431,6 +476,12 @@ impl Filesystem for HomeFs {
         // handle, so `release` unlocks it with the rest.
         let _ = lock_owner;
         self.remote.handles.file_released(ino.0);
+        if is_provisional(fh.0) {
+            return self.spawn("release", move |r| async move {
+                r.release_created(ino.0, fh.0).await;
+                reply.ok()
+            });
+        }
         let owners = self.remote.release_owners(fh.0);
         if owners.is_empty() {
             reply.ok();
@@ -451,9 +502,13 @@ impl Filesystem for HomeFs {
 
     fn fsync(&self, _req: &Request, ino: INodeNo, fh: FileHandle, datasync: bool, reply: ReplyEmpty) {
         self.spawn("fsync", move |r| async move {
+            let fh = match r.real_fh(fh.0).await {
+                Ok(fh) => fh,
+                Err(e) => return reply.error(e),
+            };
             r.writes.settle(ino.0).await;
-            let written = r.write_error(fh.0);
-            reply_empty(reply, written.and(r.fsync(fh.0, datasync).await))
+            let written = r.write_error(fh);
+            reply_empty(reply, written.and(r.fsync(fh, datasync).await))
         });
     }
 
@@ -581,6 +636,11 @@ impl Filesystem for HomeFs {
         reply: ReplyCreate,
     ) {
         let (name, ttl) = (name_of(name), self.ttl());
+        // Answered at once when the name is known absent; stored at the first close (creates.rs).
+        if let Some(((_, attr), fh)) = self.remote.try_create_behind(parent.0, &name, mode, flags) {
+            self.count("create");
+            return reply.created(&ttl, &attr, Generation(0), FileHandle(fh), FopenFlags::empty());
+        }
         self.spawn("create", move |r| async move {
             match r.create(parent.0, &name, mode, flags).await {
                 Ok(((ino, attr), fh)) => {
@@ -609,8 +669,12 @@ impl Filesystem for HomeFs {
             Err(e) => return reply.error(e),
         };
         self.spawn("getlk", move |r| async move {
+            let fh = match r.real_fh(fh.0).await {
+                Ok(fh) => fh,
+                Err(e) => return reply.error(e),
+            };
             r.writes.settle(ino.0).await;
-            match r.getlk(fh.0, spec).await {
+            match r.getlk(fh, spec).await {
                 Ok((start, end, typ, pid)) => reply.locked(start, end, typ, pid),
                 Err(e) => reply.error(e),
             }
@@ -635,9 +699,13 @@ impl Filesystem for HomeFs {
             Err(e) => return reply.error(e),
         };
         self.spawn("setlk", move |r| async move {
+            let fh = match r.real_fh(fh.0).await {
+                Ok(fh) => fh,
+                Err(e) => return reply.error(e),
+            };
             // Another mount that takes the lock next must find these writes applied.
             r.writes.settle(ino.0).await;
-            reply_empty(reply, r.setlk(ino.0, fh.0, spec, sleep).await)
+            reply_empty(reply, r.setlk(ino.0, fh, spec, sleep).await)
         });
     }
 
@@ -655,9 +723,13 @@ impl Filesystem for HomeFs {
         reply: ReplyWrite,
     ) {
         self.spawn("copy_file_range", move |r| async move {
+            let (fh_in, fh_out) = match (r.real_fh(fh_in.0).await, r.real_fh(fh_out.0).await) {
+                (Ok(i), Ok(o)) => (i, o),
+                (Err(e), _) | (_, Err(e)) => return reply.error(e),
+            };
             r.writes.settle(ino_in.0).await;
             r.writes.settle(ino_out.0).await;
-            match r.copy_range(fh_in.0, offset_in, ino_out.0, fh_out.0, offset_out, len).await {
+            match r.copy_range(fh_in, offset_in, ino_out.0, fh_out, offset_out, len).await {
                 Ok(n) => reply.written(n),
                 Err(e) => reply.error(e),
             }

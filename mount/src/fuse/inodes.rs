@@ -5,13 +5,39 @@
 //! home itself must be inode 1 for the kernel: the home's server ino and ino 1 swap places, which
 //! keeps the mapping one-to-one. Hard links share one inode and one entry; its path is the one
 //! most recently looked up.
+//!
+//! A file answered by create-behind (`creates.rs`) gets a provisional number from
+//! [`PROVISIONAL_BASE`] up, the kernel's inode while it is pending. Once the server has it, the
+//! server's number is an *alias* of the provisional one, which stays the kernel's number and the
+//! `st_ino` users see for the life of the mount, also after the kernel forgot the inode: a
+//! descriptor and its path must agree (sqlite checks), and git keeps `st_ino` in its index and
+//! reads a file again when it changes. Another mount, or this one remounted, shows the server's
+//! number (git then reads each such file once more). At most [`MAX_ALIASES`]; past it, those whose
+//! inode the kernel does not hold go (half of them).
+//! Server numbers in the
+//! provisional range are not expected (ext4 numbers are 32-bit, btrfs, xfs and tmpfs count up
+//! from small numbers); should one appear, [`InodeTable::provisional_clash`] turns create-behind
+//! off for the mount.
 
 use homefs_shared::{Attr, WirePath};
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
 
 /// The FUSE inode number of the mount's root.
 pub const ROOT_INO: u64 = 1;
+/// The first provisional number (FUSE inodes and file handles of files answered by
+/// create-behind): the top half of the range, which neither the server's inode numbers nor the
+/// client's handle numbers (counted up from 1) reach.
+pub const PROVISIONAL_BASE: u64 = 1 << 63;
+
+/// Server inode numbers kept as aliases of provisional ones (about 40 bytes each: ~4 MiB).
+pub const MAX_ALIASES: usize = 100_000;
+
+/// Whether `n` is a provisional inode or handle number.
+pub fn is_provisional(n: u64) -> bool {
+    n >= PROVISIONAL_BASE
+}
 
 /// One inode the kernel knows about.
 #[derive(Debug, Clone)]
@@ -36,6 +62,27 @@ pub struct InodeTable {
     root_server_ino: u64,
     /// Guards every node; keyed by FUSE inode number.
     nodes: Mutex<HashMap<u64, Node>>,
+    /// Guards the provisional numbers the kernel holds, and the server files they shadow.
+    provisional: Mutex<Provisional>,
+    /// How many provisional numbers the kernel holds or are aliased (no lock taken when none).
+    provisional_live: AtomicUsize,
+    /// The highest provisional number given out so far.
+    provisional_top: AtomicU64,
+    /// A server inode number fell in the provisional range (see the module doc).
+    clash: AtomicBool,
+}
+
+/// The provisional inode numbers the kernel holds, and the server files they shadow.
+#[derive(Debug, Default)]
+struct Provisional {
+    live: HashSet<u64>,
+    /// Provisional number -> the server's number of the stored file.
+    shadows: HashMap<u64, u64>,
+    /// The server's number -> the provisional one that is its kernel inode (see the module doc;
+    /// kept after the kernel forgets it).
+    aliases: HashMap<u64, u64>,
+    /// The server's number -> the provisional inode shadowing it.
+    shadowed: HashMap<u64, u64>,
 }
 
 impl InodeTable {
@@ -44,7 +91,14 @@ impl InodeTable {
         let mut nodes = HashMap::new();
         let root_node = Node { path: WirePath::root(), lookups: 1, attr: Some(*root), unlinked: false };
         nodes.insert(ROOT_INO, root_node);
-        InodeTable { root_server_ino: root.ino, nodes: Mutex::new(nodes) }
+        InodeTable {
+            root_server_ino: root.ino,
+            nodes: Mutex::new(nodes),
+            provisional: Mutex::new(Provisional::default()),
+            provisional_live: AtomicUsize::new(0),
+            provisional_top: AtomicU64::new(0),
+            clash: AtomicBool::new(false),
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Node>> {
@@ -53,15 +107,95 @@ impl InodeTable {
         self.nodes.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    fn provisional(&self) -> std::sync::MutexGuard<'_, Provisional> {
+        self.provisional.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// `ino` (from [`PROVISIONAL_BASE`] up) is now the kernel's number of a file not yet stored.
+    pub fn add_provisional(&self, ino: u64) {
+        self.provisional_top.fetch_max(ino, Ordering::AcqRel);
+        let mut p = self.provisional();
+        if p.live.insert(ino) {
+            self.provisional_live.store(p.live.len() + p.aliases.len(), Ordering::Release);
+        }
+    }
+
+    /// The file of provisional inode `ino` was stored as the server's `server_ino`: `ino` is its
+    /// number from now on (see the module doc).
+    pub fn alias(&self, server_ino: u64, ino: u64) {
+        let mut p = self.provisional();
+        if p.aliases.len() >= MAX_ALIASES {
+            let held: HashSet<u64> = self.lock().keys().copied().filter(|i| is_provisional(*i)).collect();
+            let mut n = 0u64;
+            p.aliases.retain(|_, v| {
+                n += 1;
+                held.contains(v) || n % 2 == 0
+            });
+        }
+        p.aliases.insert(server_ino, ino);
+        if p.live.contains(&ino) {
+            p.shadows.insert(ino, server_ino);
+            p.shadowed.insert(server_ino, ino);
+        }
+        self.provisional_live.store(p.live.len() + p.aliases.len(), Ordering::Release);
+    }
+
+    /// Whether FUSE inode `ino` is the server's file `server_ino` (its own number, or a
+    /// provisional inode shadowing it).
+    pub fn is(&self, ino: u64, server_ino: u64) -> bool {
+        self.fuse_ino(server_ino) == ino
+            || (is_provisional(ino)
+                && self.provisional_live.load(Ordering::Acquire) > 0
+                && self.provisional().shadows.get(&ino) == Some(&server_ino))
+    }
+
+    /// The provisional inode shadowing the server's file `server_ino`, if the kernel holds one
+    /// (descriptors opened at its create may still be open on it).
+    pub fn shadow_of(&self, server_ino: u64) -> Option<u64> {
+        if self.provisional_live.load(Ordering::Acquire) == 0 {
+            return None;
+        }
+        self.provisional().shadowed.get(&server_ino).copied()
+    }
+
+    /// Whether a server inode number fell in the provisional range (create-behind is then off).
+    pub fn provisional_clash(&self) -> bool {
+        self.clash.load(Ordering::Acquire)
+    }
+
+    /// The kernel forgot provisional inode `ino`.
+    fn forget_provisional(&self, ino: u64) {
+        let mut p = self.provisional();
+        if p.live.remove(&ino) {
+            if let Some(server_ino) = p.shadows.remove(&ino) {
+                p.shadowed.remove(&server_ino);
+            }
+            self.provisional_live.store(p.live.len() + p.aliases.len(), Ordering::Release);
+        }
+    }
+
     /// The FUSE inode number for a server inode number.
     pub fn fuse_ino(&self, server_ino: u64) -> u64 {
         if server_ino == self.root_server_ino {
-            ROOT_INO
+            return ROOT_INO;
         } else if server_ino == ROOT_INO {
-            self.root_server_ino
-        } else {
-            server_ino
+            return self.root_server_ino;
         }
+        if self.provisional_live.load(Ordering::Acquire) > 0 {
+            let p = self.provisional();
+            if let Some(ino) = p.aliases.get(&server_ino) {
+                return *ino;
+            }
+            if p.live.contains(&server_ino) {
+                return server_ino;
+            }
+        }
+        // One of ours given out before (a listing taken while it was pending) is not a clash.
+        let ours = server_ino <= self.provisional_top.load(Ordering::Acquire);
+        if is_provisional(server_ino) && !ours && !self.clash.swap(true, Ordering::AcqRel) {
+            tracing::warn!(server_ino, "the server uses inode numbers in the provisional range: create-behind off");
+        }
+        server_ino
     }
 
     /// The path of an inode the kernel knows, if any.
@@ -110,6 +244,10 @@ impl InodeTable {
             node.lookups = node.lookups.saturating_sub(n);
             if node.lookups == 0 {
                 nodes.remove(&ino);
+                drop(nodes);
+                if is_provisional(ino) {
+                    self.forget_provisional(ino);
+                }
             }
         }
     }
@@ -189,7 +327,7 @@ impl InodeTable {
 }
 
 /// Whether `path` is `dir` or below it.
-fn is_within(path: &WirePath, dir: &WirePath) -> bool {
+pub(super) fn is_within(path: &WirePath, dir: &WirePath) -> bool {
     if dir.is_root() {
         return true;
     }
@@ -241,6 +379,25 @@ mod tests {
         assert_eq!(t.path(5), None);
         t.forget(ROOT_INO, 10);
         assert!(t.path(ROOT_INO).is_some());
+    }
+
+    #[test]
+    fn a_stored_file_keeps_its_provisional_number_for_the_mount() {
+        let t = InodeTable::new(&attr(77));
+        let ino = PROVISIONAL_BASE + 3;
+        t.add_provisional(ino);
+        assert_eq!(t.remember(&p("f"), &attr(ino)), ino);
+        t.alias(40, ino);
+        assert!(t.is(ino, 40) && !t.is(ino, 41));
+        assert_eq!(t.shadow_of(40), Some(ino));
+        assert_eq!(t.remember(&p("f"), &attr(40)), ino, "the server's number maps to the kernel's");
+        t.forget(ino, 2);
+        assert_eq!(t.shadow_of(40), None);
+        assert_eq!(t.fuse_ino(40), ino, "forgotten by the kernel: still the number users saw");
+        assert_eq!(t.remember(&p("f"), &attr(40)), ino);
+        assert!(!t.provisional_clash(), "one of ours, seen again, is not a clash");
+        assert_eq!(t.fuse_ino(ino + 1), ino + 1);
+        assert!(t.provisional_clash(), "a server number in the range turns create-behind off");
     }
 
     #[test]

@@ -9,9 +9,11 @@
 //! - [`writes`]: write-behind, and the order and errors it must keep.
 //! - [`prefetch`]: listings in flight (directory read-ahead, lookups that fetch a listing).
 //! - [`unlinks`]: unlink-behind, and what waits for it.
+//! - [`creates`]: create-behind: a new small file stored in one request at its close.
 
 pub mod attr;
 pub mod cache;
+pub mod creates;
 pub mod daemon;
 pub mod fs;
 pub mod handles;

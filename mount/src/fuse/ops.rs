@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use super::attr::Owner;
 use super::cache::{AttrCache, Cached};
+use super::creates::Creates;
 use super::handles::{DirSnapshot, Handles};
 use super::inodes::{InodeTable, ROOT_INO};
 use super::prefetch::{Prefetch, LISTING_PAGE, READ_AHEAD_DIRS};
@@ -65,6 +66,8 @@ pub struct Remote {
     pub writes: WriteBehind,
     /// Listings being fetched (read-ahead and lookups), see [`Prefetch`].
     pub prefetch: Prefetch,
+    /// Files answered by create-behind (`creates.rs`).
+    pub creates: Creates,
 }
 
 /// Counts of requests answered without a round trip.
@@ -77,10 +80,12 @@ pub struct Hits {
     pub setattr: AtomicU64,
     /// Unlinks answered before the server had them (`unlinks.rs`).
     pub unlink_behind: AtomicU64,
+    /// Creates answered before the server had them (`creates.rs`).
+    pub create_behind: AtomicU64,
 }
 
 impl Hits {
-    fn add(n: &AtomicU64) {
+    pub(super) fn add(n: &AtomicU64) {
         n.fetch_add(1, Ordering::Relaxed);
     }
 
@@ -88,13 +93,14 @@ impl Hits {
     pub fn show(&self) -> String {
         let get = |n: &AtomicU64| n.load(Ordering::Relaxed);
         format!(
-            "lookup={} lookup_absent={} getattr={} readdir={} setattr={} unlink_behind={}",
+            "lookup={} lookup_absent={} getattr={} readdir={} setattr={} unlink_behind={} create_behind={}",
             get(&self.lookup),
             get(&self.lookup_absent),
             get(&self.getattr),
             get(&self.readdir),
             get(&self.setattr),
-            get(&self.unlink_behind)
+            get(&self.unlink_behind),
+            get(&self.create_behind)
         )
     }
 }
@@ -147,7 +153,7 @@ impl Remote {
         Err(errno(e))
     }
 
-    fn writable(&self) -> R<()> {
+    pub(super) fn writable(&self) -> R<()> {
         if self.read_only {
             Err(Errno::EROFS)
         } else {
@@ -162,18 +168,31 @@ impl Remote {
     }
 
     /// As [`Remote::entry`], for attributes the cache already holds (or must not).
-    fn known(&self, path: &WirePath, attr: &Attr) -> Entry {
+    pub(super) fn known(&self, path: &WirePath, attr: &Attr) -> Entry {
         let ino = self.inodes.remember(path, attr);
         (ino, self.owner.file_attr(ino, attr))
+    }
+
+    /// The FUSE inode of the server's file `server_ino` with writes queued, if any: its own, or
+    /// the provisional inode of a file created behind still written through (`creates.rs`).
+    fn writes_pending_on(&self, server_ino: u64) -> Option<u64> {
+        let own = self.inodes.fuse_ino(server_ino);
+        if self.writes.pending(own) {
+            return Some(own);
+        }
+        self.inodes.shadow_of(server_ino).filter(|p| self.writes.pending(*p))
     }
 
     /// `lookup`: `None` is a negative entry (the kernel caches the absence for one TTL).
     pub async fn lookup(&self, parent: u64, name: &[u8]) -> R<Option<Entry>> {
         let dir = self.path(parent)?;
         let path = dir.join(name).map_err(|e| code_errno(e.code()))?;
+        if let Some(entry) = self.created_entry(&path).await? {
+            return Ok(Some(entry));
+        }
         let mut attr = self.lookup_attr(&dir, &path).await?;
         // Writes still queued on the file would make its size look older than it is.
-        if let Some(ino) = attr.map(|a| self.inodes.fuse_ino(a.ino)).filter(|i| self.writes.pending(*i)) {
+        if let Some(ino) = attr.and_then(|a| self.writes_pending_on(a.ino)) {
             self.writes.settle(ino).await;
             attr = self.lookup_attr(&dir, &path).await?;
         }
@@ -216,13 +235,16 @@ impl Remote {
 
     /// `getattr`. A file unlinked while open answers from its last known attributes.
     pub async fn getattr(&self, ino: u64) -> R<FileAttr> {
+        if let Some(attr) = self.created_attr(ino).await? {
+            return Ok(attr);
+        }
         let path = self.path(ino)?;
         if let Some(attr) = self.fresh_attr(ino, &path) {
             return Ok(attr);
         }
         let generation = self.cache.generation();
         match self.client.stat(&path).await {
-            Ok(a) if ino == ROOT_INO || self.inodes.fuse_ino(a.ino) == ino => {
+            Ok(a) if ino == ROOT_INO || self.inodes.is(ino, a.ino) => {
                 self.cache.put_fetched(&path, &a, generation);
                 self.inodes.update_attr(ino, &a);
                 Ok(self.owner.file_attr(ino, &a))
@@ -247,7 +269,7 @@ impl Remote {
     /// `ino`'s attributes from the cache, when fresh and still naming `ino`.
     fn fresh_attr(&self, ino: u64, path: &WirePath) -> Option<FileAttr> {
         match self.cache.get(path)? {
-            Cached::Present(a) if ino == ROOT_INO || self.inodes.fuse_ino(a.ino) == ino => {
+            Cached::Present(a) if ino == ROOT_INO || self.inodes.is(ino, a.ino) => {
                 Hits::add(&self.hits.getattr);
                 Some(self.owner.file_attr(ino, &a))
             }
@@ -262,6 +284,9 @@ impl Remote {
     pub fn getattr_cached(&self, ino: u64) -> Option<FileAttr> {
         if self.writes.pending(ino) {
             return None;
+        }
+        if let Some(pending) = self.created_attr_now(ino) {
+            return pending;
         }
         self.fresh_attr(ino, &self.inodes.path(ino)?)
     }
@@ -284,7 +309,7 @@ impl Remote {
         let path = self.inodes.path(ino)?;
         match self.cache.get(&path)? {
             Cached::Present(a)
-                if a.perm & 0o7777 == mode & 0o7777 && (ino == ROOT_INO || self.inodes.fuse_ino(a.ino) == ino) =>
+                if a.perm & 0o7777 == mode & 0o7777 && (ino == ROOT_INO || self.inodes.is(ino, a.ino)) =>
             {
                 Hits::add(&self.hits.setattr);
                 Some(Ok(self.owner.file_attr(ino, &a)))
@@ -314,7 +339,7 @@ impl Remote {
         if let (SetAttr { mode: Some(mode), size: None, atime: None, mtime: None }, Some(Cached::Present(a))) =
             (set, self.cache.get(&path))
         {
-            if a.perm & 0o7777 == mode & 0o7777 && (ino == ROOT_INO || self.inodes.fuse_ino(a.ino) == ino) {
+            if a.perm & 0o7777 == mode & 0o7777 && (ino == ROOT_INO || self.inodes.is(ino, a.ino)) {
                 Hits::add(&self.hits.setattr);
                 return Ok(self.owner.file_attr(ino, &a));
             }
@@ -366,7 +391,9 @@ impl Remote {
 
     pub async fn rmdir(&self, parent: u64, name: &[u8]) -> R<()> {
         let path = self.child(parent, name)?;
-        // Its files unlinked behind must be gone first, or the server finds it not empty.
+        // Its files unlinked behind must be gone first, or the server finds it not empty; its
+        // files created behind must be there (the server then finds it not empty).
+        self.materialize_within(&path).await?;
         self.wait_for_unlinks_within(&path).await;
         if let Err(e) = self.client.rmdir(&path).await {
             self.cache.invalidate_tree(&path);
@@ -391,6 +418,9 @@ impl Remote {
         if flags.noreplace && flags.exchange {
             return Err(Errno::EINVAL);
         }
+        // Files created behind move (or are replaced) on the server, so they must be there.
+        self.materialize_within(&from).await?;
+        self.keep_open_within(&to).await?;
         self.wait_for_unlinks_within(&from).await;
         self.wait_for_unlinks_within(&to).await;
         let result = self.client.rename(&from, &to, flags).await;
@@ -432,6 +462,7 @@ impl Remote {
 
     pub async fn link(&self, ino: u64, new_parent: u64, new_name: &[u8]) -> R<Entry> {
         self.writable()?;
+        self.materialize(ino).await?;
         let from = self.path(ino)?;
         let to = self.child(new_parent, new_name)?;
         self.wait_for_unlinks_within(&to).await;
@@ -459,6 +490,8 @@ impl Remote {
         if open_flags.write || open_flags.truncate {
             self.writable()?;
         }
+        // A second open of a file created behind: the server must have it first.
+        self.materialize(ino).await?;
         let path = self.path(ino)?;
         let (fh, a) = match self.client.open(&path, open_flags, 0).await {
             Ok(opened) => opened,
@@ -516,12 +549,10 @@ impl Remote {
             // and `fstat` answers from the inode's attributes.
             let unlinked = me.inodes.is_unlinked(ino);
             match (&result, me.inodes.path(ino)) {
-                (Ok(a), _) if unlinked && me.inodes.fuse_ino(a.ino) == ino => {
+                (Ok(a), _) if unlinked && me.inodes.is(ino, a.ino) => {
                     me.inodes.update_attr(ino, &ticket.merge(a));
                 }
-                (Ok(a), Some(p)) if !unlinked && me.inodes.fuse_ino(a.ino) == ino => {
-                    me.cache.refresh(&p, &ticket.merge(a))
-                }
+                (Ok(a), Some(p)) if !unlinked && me.inodes.is(ino, a.ino) => me.cache.refresh(&p, &ticket.merge(a)),
                 (_, Some(p)) if !unlinked => me.cache.invalidate_attr(&p),
                 _ => {}
             }
@@ -555,12 +586,12 @@ impl Remote {
         let unlinked = self.inodes.is_unlinked(ino);
         match (&result, self.inodes.path(ino)) {
             // Unlinked while open: no path to cache; `fstat` answers from the inode's attributes.
-            (Ok(Some(a)), _) if unlinked && self.inodes.fuse_ino(a.ino) == ino => {
+            (Ok(Some(a)), _) if unlinked && self.inodes.is(ino, a.ino) => {
                 self.inodes.update_attr(ino, a);
             }
             // Only the cache: the inode keeps the attributes seen at open, so the next open
             // still compares against those (close-to-open, as before).
-            (Ok(Some(a)), Some(p)) if !unlinked && self.inodes.fuse_ino(a.ino) == ino => self.cache.refresh(&p, a),
+            (Ok(Some(a)), Some(p)) if !unlinked && self.inodes.is(ino, a.ino) => self.cache.refresh(&p, a),
             (_, Some(p)) if !unlinked => self.cache.invalidate_attr(&p),
             _ => {}
         }
@@ -573,6 +604,31 @@ impl Remote {
     /// to do, and the kernel is answered without a round trip (the common case).
     pub fn flush_needs_unlock(&self, fh: u64, lock_owner: u64) -> bool {
         self.handles.take_lock_owner(fh, lock_owner)
+    }
+
+    /// `flush` of a server handle that has to wait (queued writes, or locks to release): the
+    /// writes' error is close's to report, and the owner's locks go.
+    pub async fn flush_handle(&self, ino: u64, fh: u64, lock_owner: u64) -> R<()> {
+        self.writes.settle(ino).await;
+        let written = self.write_error(fh);
+        let unlocked =
+            if self.flush_needs_unlock(fh, lock_owner) { self.flush_unlock(fh, lock_owner).await } else { Ok(()) };
+        written.and(unlocked)
+    }
+
+    /// `release` of a server handle, waited for: its locks go, then the handle (a failure is
+    /// only logged: nothing is left to report it to).
+    pub async fn release_handle(&self, ino: u64, fh: u64) {
+        let owners = self.release_owners(fh);
+        self.writes.settle(ino).await;
+        if let Err(e) = self.write_error(fh) {
+            tracing::warn!(fh, error = ?e, "a write failed after the file's last flush");
+        }
+        if owners.is_empty() {
+            self.close_quietly(fh).await
+        } else if let Err(e) = self.release(fh, owners).await {
+            tracing::debug!(fh, error = ?e, "release failed");
+        }
     }
 
     /// The rest of a `flush` that [`Remote::flush_needs_unlock`]: the owner's locks go.
@@ -642,6 +698,7 @@ impl Remote {
         };
         self.read_ahead(&path, &entries);
         self.read_ahead_siblings(&path);
+        let entries = self.with_created(&path, entries).await;
         Ok(self.handles.open_dir(DirSnapshot { ino, parent_ino: ino, entries }))
     }
 
@@ -649,8 +706,11 @@ impl Remote {
     /// needs the runtime (not cached, or writes queued on the file would make its size old).
     pub fn lookup_cached(&self, parent: u64, name: &[u8]) -> Option<Option<Entry>> {
         let path = self.child(parent, name).ok()?;
+        if let Some(pending) = self.created_entry_now(&path) {
+            return pending.map(Some);
+        }
         match self.cache.get(&path)? {
-            Cached::Present(a) if self.writes.pending(self.inodes.fuse_ino(a.ino)) => None,
+            Cached::Present(a) if self.writes_pending_on(a.ino).is_some() => None,
             Cached::Present(a) => {
                 Hits::add(&self.hits.lookup);
                 Some(Some(self.known(&path, &a)))

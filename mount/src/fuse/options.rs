@@ -25,6 +25,10 @@ pub struct MountOptions {
     /// `noexec`, `nosuid` (default), `nodev` (default), `noatime`: passed to the kernel.
     pub noexec: bool,
     pub noatime: bool,
+    /// `create_behind` (default) / `no_create_behind`: whether a new small file is answered at
+    /// `create` and stored in one request at its first close (`creates.rs`). Off, every create
+    /// waits for the server, as a shared-writer workload that races on new names may want.
+    pub create_behind: bool,
 }
 
 impl Default for MountOptions {
@@ -37,6 +41,7 @@ impl Default for MountOptions {
             reconnect_timeout: DEFAULT_RECONNECT_TIMEOUT,
             noexec: false,
             noatime: false,
+            create_behind: true,
         }
     }
 }
@@ -44,7 +49,7 @@ impl Default for MountOptions {
 /// Why an option string was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum OptionError {
-    #[error("unknown mount option '{0}' (known: ro, rw, allow_other, cache_ttl=SECONDS, reconnect_timeout=SECONDS)")]
+    #[error("unknown mount option '{0}' (known: ro, rw, allow_other, cache_ttl=SECONDS, reconnect_timeout=SECONDS, no_create_behind)")]
     Unknown(String),
     #[error("mount option '{name}' needs a number of seconds, got '{value}'")]
     BadSeconds { name: String, value: String },
@@ -77,6 +82,8 @@ impl MountOptions {
             ("noexec", None) => self.noexec = true,
             ("exec", None) => self.noexec = false,
             ("noatime", None) => self.noatime = true,
+            ("create_behind", None) => self.create_behind = true,
+            ("no_create_behind", None) => self.create_behind = false,
             ("atime" | "relatime", None) => self.noatime = false,
             ("cache_ttl", Some(v)) => {
                 self.cache_ttl = seconds(name, v)?;
@@ -118,6 +125,9 @@ mod tests {
         assert_eq!(o.reconnect_timeout, Duration::from_millis(500));
         assert_eq!(MountOptions::parse([]).unwrap(), MountOptions::default());
         assert!(!MountOptions::parse(["ro,rw,_netdev,noauto,x-systemd.automount"]).unwrap().read_only);
+        assert!(MountOptions::default().create_behind);
+        assert!(!MountOptions::parse(["no_create_behind"]).unwrap().create_behind);
+        assert!(MountOptions::parse(["no_create_behind,create_behind"]).unwrap().create_behind);
     }
 
     #[test]

@@ -10,6 +10,7 @@ use tokio::runtime::Handle;
 
 use super::attr::Owner;
 use super::cache::AttrCache;
+use super::creates::Creates;
 use super::fs::HomeFs;
 use super::handles::Handles;
 use super::inodes::InodeTable;
@@ -65,6 +66,7 @@ pub async fn prepare(client: Client, options: &MountOptions) -> Result<Arc<Remot
         hits: Default::default(),
         writes: Default::default(),
         prefetch: Default::default(),
+        creates: Creates::new(options.create_behind),
     }))
 }
 

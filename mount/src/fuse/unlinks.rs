@@ -55,6 +55,9 @@ impl Remote {
     /// `unlink`: answered behind when it may be (see the module doc), else as before.
     pub async fn unlink(self: &Arc<Self>, parent: u64, name: &[u8]) -> R<()> {
         let path = self.child(parent, name)?;
+        // A file created behind and still open is stored and its handle opened on the server
+        // first (it is open, so this unlink is synchronous).
+        self.keep_open_within(&path).await?;
         // An earlier unlink of this very name answered behind goes first.
         if self.cache.unlink_pending_at(&path) {
             if let Some((dir, leaf)) = path.split_last() {
@@ -121,7 +124,10 @@ impl Remote {
         match self.cache.get(path) {
             Some(Cached::Present(a)) if a.kind != FileKind::Dir => {
                 let ino = self.inodes.fuse_ino(a.ino);
-                (!self.handles.is_file_open(ino) && !self.writes.pending(ino)).then_some(ino)
+                // A file created behind may still be open through its provisional inode.
+                let inos = [Some(ino), self.inodes.shadow_of(a.ino)];
+                let busy = inos.iter().flatten().any(|i| self.handles.is_file_open(*i) || self.writes.pending(*i));
+                (!busy).then_some(ino)
             }
             _ => None,
         }
