@@ -11,7 +11,8 @@
 //! What other connections change arrives as change notices (`notices.rs`), which drop the named
 //! paths, their subtrees and their parents' listings at once; the TTL then only bounds what no
 //! notice reports (changes made directly on the server's disk, or a server without notices, when
-//! it stays short). A fetch that started before a notice is not stored ([`AttrCache::generation`]).
+//! it stays short). A fetch that started before a notice, or before a change this mount made in
+//! the same directory, is not stored ([`AttrCache::generation`]).
 //!
 //! A directory whose listing is known is *complete*: a name it does not hold is absent without
 //! asking. A directory this mount just created is complete and empty, so the lookup the kernel
@@ -119,6 +120,20 @@ impl Maps {
             })
     }
 
+    /// This mount changed `dir`'s entries or one of their attributes (an answer to its own
+    /// request, or an invalidation) at `generation`: a listing of `dir`, or a stat of a name in
+    /// it, asked for before may predate the change and must not overwrite it (a listing fetched
+    /// while a write was in flight would bring back the file's old size; one fetched while a
+    /// create was in flight would lose the new name).
+    fn changed_locally(&mut self, path: &WirePath, generation: u64) {
+        let Some((dir, _)) = parent_of(path) else { return };
+        self.behind.entry(dir).or_default().last = generation;
+        if self.behind.len() > MAX_BEHIND_DIRS {
+            self.behind.retain(|_, d| !d.names.is_empty());
+            self.behind_floor = generation;
+        }
+    }
+
     fn drop_listing(&mut self, dir: &WirePath) {
         if let Some(l) = self.listings.remove(dir) {
             self.listed -= l.names.len();
@@ -205,10 +220,11 @@ impl AttrCache {
         self.ttl_nanos.store(ttl.as_nanos().min(u128::from(u64::MAX)) as u64, Ordering::Relaxed);
     }
 
-    /// A counter of the changes an answer may race with: change notices, and this mount's
-    /// unlinks answered behind. Read it before asking the server, and pass it to
-    /// [`AttrCache::put_fetched`] or [`AttrCache::put_listing`]: an answer that raced with a
-    /// notice, or with an unlink in the same directory, may predate the change, and is not stored.
+    /// A counter of the changes an answer may race with: change notices, this mount's unlinks
+    /// answered behind, and every change this mount's own answers make here. Read it before
+    /// asking the server, and pass it to [`AttrCache::put_fetched`] or
+    /// [`AttrCache::put_listing`]: an answer that raced with a notice, or with a change in the
+    /// same directory, may predate the change, and is not stored.
     pub fn generation(&self) -> u64 {
         self.generation.load(Ordering::Acquire)
     }
@@ -331,6 +347,7 @@ impl AttrCache {
     pub fn refresh(&self, path: &WirePath, attr: &Attr) {
         let ttl = self.ttl();
         let mut maps = self.lock();
+        maps.changed_locally(path, self.bump());
         if let Some(e) = maps.entries.get_mut(path) {
             if matches!(e.what, Cached::Present(old) if old.ino == attr.ino) {
                 *e = Entry { what: Cached::Present(*attr), until: Instant::now() + ttl };
@@ -356,8 +373,10 @@ impl AttrCache {
         let now = Instant::now();
         let mut maps = self.lock();
         let parent = parent_of(path).map(|(parent, _)| parent);
-        if generation.is_some_and(|g| maps.stale(parent.as_ref(), g)) {
-            return;
+        match generation {
+            Some(g) if maps.stale(parent.as_ref(), g) => return,
+            Some(_) => {}
+            None => maps.changed_locally(path, self.bump()),
         }
         Self::insert_locked(&mut maps, path, what, now + ttl, now);
     }
@@ -381,7 +400,9 @@ impl AttrCache {
 
     /// Forgets `path`'s attributes (they changed through us) but not its name in its listing.
     pub fn invalidate_attr(&self, path: &WirePath) {
-        self.lock().entries.remove(path);
+        let mut maps = self.lock();
+        maps.changed_locally(path, self.bump());
+        maps.entries.remove(path);
     }
 
     /// A directory gained or lost an entry through us (create, unlink, symlink, link): its
@@ -392,6 +413,7 @@ impl AttrCache {
     /// `links`: the change in its link count (+1 for a subdirectory made, -1 for one removed).
     pub fn touch_dir(&self, path: &WirePath, now: Timestamp, links: i32) {
         let mut maps = self.lock();
+        maps.changed_locally(path, self.bump());
         let Some(e) = maps.entries.get_mut(path) else { return };
         match &mut e.what {
             Cached::Present(a) if e.until > Instant::now() => {
@@ -408,6 +430,7 @@ impl AttrCache {
     /// Forgets `path`, and its directory's listing: whether the name exists is unknown now.
     pub fn invalidate(&self, path: &WirePath) {
         let mut maps = self.lock();
+        maps.changed_locally(path, self.bump());
         maps.entries.remove(path);
         if let Some((parent, _)) = parent_of(path) {
             maps.drop_listing(&parent);
@@ -418,6 +441,7 @@ impl AttrCache {
     /// directory's listing.
     pub fn invalidate_tree(&self, path: &WirePath) {
         let mut maps = self.lock();
+        maps.changed_locally(path, self.bump());
         Self::drop_tree(&mut maps, path);
     }
 
@@ -426,6 +450,7 @@ impl AttrCache {
     pub fn removed_dir(&self, path: &WirePath) {
         {
             let mut maps = self.lock();
+            maps.changed_locally(path, self.bump());
             maps.entries.retain(|p, _| !is_within(p, path));
             maps.listings.retain(|p, _| !is_within(p, path));
             maps.listed = maps.listed_now();
@@ -585,6 +610,30 @@ mod tests {
     }
     fn entry(name: &str) -> DirEntry {
         DirEntry { name: name.as_bytes().to_vec(), attr: attr() }
+    }
+
+    #[test]
+    fn a_fetch_asked_for_before_a_change_of_this_mount_in_its_directory_is_not_stored() {
+        let c = AttrCache::new(Duration::from_secs(60));
+        c.put(&p("d"), &Attr { kind: FileKind::Dir, ..attr() });
+        c.put_complete_dir(&p("d"));
+        c.put(&p("d/f"), &attr());
+        // A listing of d and a stat of d/f are asked for; a write's answer arrives first.
+        let asked = c.generation();
+        let written = Attr { size: 10, ..attr() };
+        c.refresh(&p("d/f"), &written);
+        c.put_listing(&p("d"), &[entry("f")], asked);
+        c.put_fetched(&p("d/f"), &attr(), asked);
+        assert_eq!(c.get(&p("d/f")), Some(Cached::Present(written)), "the older size did not come back");
+        // A create answered while a listing was in flight: the name stays.
+        let asked = c.generation();
+        c.put(&p("d/new"), &attr());
+        c.put_listing(&p("d"), &[entry("f")], asked);
+        assert_eq!(c.get(&p("d/new")), Some(Cached::Present(attr())), "the new name was not lost");
+        // Asked for after the change: stored.
+        c.put_listing(&p("d"), &[entry("f")], c.generation());
+        let names: Vec<Vec<u8>> = c.listing(&p("d")).expect("stored").into_iter().map(|e| e.name).collect();
+        assert_eq!(names, vec![b"f".to_vec()], "a later listing is the truth");
     }
 
     #[test]
