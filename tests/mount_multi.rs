@@ -202,3 +202,93 @@ fn mount_changes_by_another_mount_are_seen_well_before_the_cache_ttl() {
     b.sh_ok("rm -r d");
     wait_until(soon, "A to see d removed by B", || !a.join("d").exists());
 }
+
+/// The next line `child` prints, waiting at most `bound`.
+fn line_within(out: std::process::ChildStdout, bound: Duration, what: &str) -> (String, std::process::ChildStdout) {
+    use std::io::BufRead;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut reader = std::io::BufReader::new(out);
+        let mut line = String::new();
+        let read = reader.read_line(&mut line).map(|_| line);
+        let _ = tx.send((read, reader.into_inner()));
+    });
+    let (line, out) = rx.recv_timeout(bound).unwrap_or_else(|_| panic!("waited {bound:?} for {what}"));
+    (line.unwrap_or_else(|e| panic!("{what}: {e}")), out)
+}
+
+/// Waits at most `bound` for `child` to exit; its stdout.
+fn output_within(child: std::process::Child, bound: Duration, what: &str) -> String {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    let out = rx.recv_timeout(bound).unwrap_or_else(|_| panic!("waited {bound:?} for {what} to exit"));
+    let out = out.unwrap_or_else(|e| panic!("{what}: {e}"));
+    assert!(out.status.success(), "{what}: {:?}: {}", out.status, String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn mount_a_lock_granted_after_another_mount_let_go_sees_what_it_changed_under_it() {
+    use std::io::Write;
+    let Some((_server, a, b)) = alice_twice("mount_lock_grant_is_a_barrier") else { return };
+    a.sh_ok("touch lockfile && echo start > data");
+    // B holds the lock, rewrites `data` when told, and lets go; A waits for the lock and, in
+    // the same process right after the grant, looks at `data` (well within the notices' 3 ms
+    // coalescing: without the barrier A's caches still answered with what it saw before).
+    const HOLDER: &str = "import fcntl, os, sys
+fd = os.open('lockfile', os.O_RDWR)
+fcntl.flock(fd, fcntl.LOCK_EX)
+print('held', flush=True)
+sys.stdin.readline()
+with open('data', 'w') as f:
+    f.write(sys.argv[1])
+fcntl.flock(fd, fcntl.LOCK_UN)
+";
+    const WAITER: &str = "import fcntl, os, sys
+fd = os.open('lockfile', os.O_RDWR)
+try:
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    sys.exit('the lock was free: B should hold it')
+except BlockingIOError:
+    pass
+print('waiting', flush=True)
+fcntl.flock(fd, fcntl.LOCK_EX)
+size = os.stat('data').st_size
+with open('data') as f:
+    print(size, f.read(), sep='|', end='')
+";
+    let bound = Duration::from_secs(30);
+    for round in 1..=10 {
+        let content = format!("round {round}: {}\n", "y".repeat(round * 7));
+        let before = a.sh_ok("cat data");
+        let mut holder = Command::new("python3")
+            .args(["-c", HOLDER, &content])
+            .current_dir(&b.path)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let (held, _) = line_within(holder.stdout.take().unwrap(), bound, "B to hold the lock");
+        assert_eq!(held, "held\n");
+        let mut waiter = Command::new("python3")
+            .args(["-c", WAITER])
+            .current_dir(&a.path)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let (waiting, out) = line_within(waiter.stdout.take().unwrap(), bound, "A to wait for the lock");
+        assert_eq!(waiting, "waiting\n");
+        waiter.stdout = Some(out);
+        holder.stdin.take().unwrap().write_all(b"go\n").unwrap();
+        output_within(holder, bound, "B's holder");
+        let seen = output_within(waiter, bound, "A's waiter");
+        assert_eq!(
+            seen,
+            format!("{}|{content}", content.len()),
+            "round {round}: A under the lock sees B's change (it had seen {before:?})"
+        );
+    }
+}

@@ -11,6 +11,7 @@
 //! - [`unlinks`]: unlink-behind, and what waits for it.
 //! - [`creates`]: create-behind: a new small file stored in one request at its close.
 
+pub mod applied;
 pub mod attr;
 pub mod cache;
 pub mod creates;

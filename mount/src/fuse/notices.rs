@@ -20,7 +20,7 @@ use homefs_shared::{Request, WirePath};
 use std::collections::HashSet;
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, TrySendError};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
@@ -54,18 +54,27 @@ impl NoticeStats {
 /// the server sends them; if so, the cache TTL becomes `ttl`.
 pub async fn start(remote: &Arc<Remote>, ttl: Duration, stats: Arc<NoticeStats>) -> bool {
     let (tx, rx) = sync_channel::<Notice>(QUEUE);
-    let overflow = Arc::new(AtomicBool::new(false));
-    let lost = overflow.clone();
+    let lost = Arc::new(AtomicU64::new(0));
+    let (counted, lost_here) = (Arc::downgrade(remote), lost.clone());
     let to: NoticeFn = Arc::new(move |n| {
-        if let Err(TrySendError::Full(_)) = tx.try_send(n) {
-            lost.store(true, Ordering::Release);
+        match tx.try_send(n) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) => {
+                lost_here.fetch_add(1, Ordering::AcqRel);
+            }
+            Err(TrySendError::Disconnected(_)) => return,
+        }
+        // Counted as received in arrival order, before the reader reads the next frame (a lock
+        // grant waits for every notice received before it: `applied.rs`).
+        if let Some(remote) = counted.upgrade() {
+            remote.notices.received();
         }
     });
     let weak = Arc::downgrade(remote);
     let thread_stats = stats.clone();
     let spawned = std::thread::Builder::new()
         .name("netmount-notices".into())
-        .spawn(move || apply_all(weak, rx, overflow, thread_stats));
+        .spawn(move || apply_all(weak, rx, lost, thread_stats));
     if let Err(e) = spawned {
         tracing::warn!(error = %e, "cannot start the change notice thread; keeping the short cache TTL");
         return false;
@@ -92,7 +101,7 @@ pub async fn start(remote: &Arc<Remote>, ttl: Duration, stats: Arc<NoticeStats>)
 }
 
 /// The applying thread: runs until the mount's state is gone and the queue's sender with it.
-fn apply_all(remote: Weak<Remote>, rx: Receiver<Notice>, overflow: Arc<AtomicBool>, stats: Arc<NoticeStats>) {
+fn apply_all(remote: Weak<Remote>, rx: Receiver<Notice>, lost: Arc<AtomicU64>, stats: Arc<NoticeStats>) {
     while let Ok(notice) = rx.recv() {
         let Some(remote) = remote.upgrade() else { return };
         stats.notices.fetch_add(1, Ordering::Relaxed);
@@ -105,10 +114,12 @@ fn apply_all(remote: Weak<Remote>, rx: Receiver<Notice>, overflow: Arc<AtomicBoo
             }
         };
         // A notice that did not fit in the queue is lost: everything may be stale.
-        if everything || overflow.swap(false, Ordering::AcqRel) {
+        let lost = lost.swap(0, Ordering::AcqRel);
+        if everything || lost > 0 {
             stats.everything.fetch_add(1, Ordering::Relaxed);
             forget_everything(&remote);
         }
+        remote.notices.applied(1 + lost);
     }
 }
 

@@ -15,6 +15,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
+use super::applied::NoticesApplied;
 use super::attr::Owner;
 use super::cache::{AttrCache, Cached};
 use super::creates::Creates;
@@ -68,6 +69,8 @@ pub struct Remote {
     pub prefetch: Prefetch,
     /// Files answered by create-behind (`creates.rs`).
     pub creates: Creates,
+    /// How far change notices are applied (a lock grant waits for them: `applied.rs`).
+    pub notices: NoticesApplied,
 }
 
 /// Counts of requests answered without a round trip.
@@ -851,6 +854,9 @@ impl Remote {
                 Ok(()) => {
                     if spec.kind != LockKind::Unlock {
                         self.handles.add_lock_owner(fh, spec.owner);
+                        if !self.notices.wait(LOCK_INVALIDATE_TIMEOUT).await {
+                            tracing::warn!(ino, "change notices not applied in time after a lock grant");
+                        }
                         self.drop_cached_pages(ino).await;
                     }
                     return Ok(());

@@ -67,6 +67,7 @@ pub async fn prepare(client: Client, options: &MountOptions) -> Result<Arc<Remot
         writes: Default::default(),
         prefetch: Default::default(),
         creates: Creates::new(options.create_behind),
+        notices: Default::default(),
     }))
 }
 
