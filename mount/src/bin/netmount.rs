@@ -36,8 +36,9 @@ struct Cli {
     /// The directory to mount on.
     #[arg(value_name = "MOUNTPOINT")]
     mountpoint: Option<PathBuf>,
-    /// Mount options, comma-separated: ro, allow_other, cache_ttl=SECONDS (30 with a server that
-    /// sends change notices, else 1), reconnect_timeout=SECONDS (30).
+    /// Mount options, comma-separated: ro, allow_other, cache_ttl=SECONDS (60 with a server that
+    /// sends change notices, else 1), reconnect_timeout=SECONDS (30), no_create_behind (every
+    /// create waits for the server; by default a new file is stored at its first close).
     #[arg(short = 'o', value_name = "OPTIONS")]
     options: Vec<String>,
     /// Stay in the foreground (serve until unmounted).
