@@ -6,7 +6,7 @@
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
-use homefs_tests::netcp::{hash_file, partial_files, server_with_user, write_random, Netcp};
+use homefs_tests::netcp::{hash_file, partial_files, run_bounded, server_with_user, write_random, Netcp};
 use homefs_tests::server::TestServer;
 
 const PASSWORD: &str = "correct horse";
@@ -368,6 +368,61 @@ fn netcp_tree_of_small_files_goes_in_batches_both_ways() {
     assert_eq!(count_of(&sent, "open"), 0, "no file streamed: {sent}");
     assert_eq!(tree_listing(&back), tree_listing(&tree));
     assert!(partial_files(&back.join("d0")).is_empty());
+}
+
+#[test]
+fn netcp_tree_get_flushes_in_the_background_as_files_land() {
+    let (_server, netcp) = server_with_alice("netcp_tree_get_flushes_in_the_background_as_files_land", None);
+    let work = tempfile::tempdir().expect("tempdir");
+    let tree = work.path().join("many");
+    // 600 files: a background syncfs is due after each 256 landed (a third of them, at least 256).
+    small_tree(&tree, 6, 600);
+    let up = vec![std::ffi::OsString::from("-r"), tree.clone().into_os_string(), netcp.remote("")];
+    netcp.run(up).ok();
+    let back = work.path().join("back");
+    let mut c = netcp.command();
+    c.env("NETCP_LOG", "netcp=debug,homefs_mount::copy=debug").args([
+        std::ffi::OsString::from("-r"),
+        "-j".into(),
+        "4".into(),
+        netcp.remote("many"),
+        back.clone().into_os_string(),
+    ]);
+    let run = run_bounded(c, std::time::Duration::from_secs(300)).ok();
+    // Started, or skipped because much else was dirty on this machine at that moment: either way
+    // at the point the tree's files crossed the threshold, and at most once per 256 files.
+    let log = without_colours(&run.stderr);
+    let flushes: Vec<&str> = log.lines().filter(|l| l.contains("get: background syncfs")).collect();
+    assert!(!flushes.is_empty() && flushes.len() <= 2, "one or two background flushes: {log}");
+    for line in &flushes {
+        let stored: u64 = line
+            .split("stored=")
+            .nth(1)
+            .and_then(|r| r.split(|ch: char| !ch.is_ascii_digit()).next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no count in {line}"));
+        assert!((256..600).contains(&stored), "flushed after {stored} of 600 files: {line}");
+    }
+    assert!(log.contains("local file systems synced"), "the final sync ran: {log}");
+    assert_eq!(tree_listing(&back), tree_listing(&tree));
+}
+
+/// `text` without its ANSI colour sequences (ESC [ ... letter), as the log may colour its fields.
+fn without_colours(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(ch) = chars.next() {
+        if ch == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(ch);
+        }
+    }
+    out
 }
 
 #[test]

@@ -15,6 +15,7 @@ pub mod frame;
 pub mod message;
 pub mod path;
 pub mod size;
+pub mod sync_cost;
 pub mod tls;
 
 pub use error::{ErrorCode, WireError};

@@ -5,8 +5,8 @@
 
 use bytes::{Bytes, BytesMut};
 use homefs_shared::{
-    Attr, ErrorCode, FileItem, FileKind, PutItem, StoredItem, Timestamp, WireError, WirePath, MAX_BATCH_FILES,
-    MAX_DATA_BYTES, MAX_SYNC_PATHS,
+    sync_cost, Attr, ErrorCode, FileItem, FileKind, PutItem, StoredItem, Timestamp, WireError, WirePath,
+    MAX_BATCH_FILES, MAX_DATA_BYTES, MAX_SYNC_PATHS,
 };
 use rustix::fs::{AtFlags, FileType, Mode, OFlags, Stat, Timespec, Timestamps};
 use rustix::io::Errno;
@@ -14,7 +14,6 @@ use std::ffi::{OsStr, OsString};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::sync::Arc;
-use std::time::Duration;
 
 use super::meta::{attr_of, CLIENT_MODE_BITS};
 use super::sizing::size_of;
@@ -262,50 +261,15 @@ pub fn get_files(jail: &Jail, paths: &[WirePath], max_bytes: u32) -> Result<(Bat
     Ok((results, buf.freeze()))
 }
 
-/// The fixed cost of one `syncfs` of a file system with little dirty: measured on this VM's ext4
-/// (virtio disk) after 300 files of 4 KiB were stored: 3.7-4.3 ms; 5,000 such files: 34-83 ms (the
-/// writeback of the files themselves, which an fsync per file pays too). Beyond that a `syncfs`
-/// waits for everything dirty on the file system, other processes' data included: 1 GiB written
-/// by another process (`dd`, not synced) made it 287-414 ms, whatever the number of our files.
-/// An fsync per path (writeback of all of them started first) costs ~66 us each (each ends in a
-/// disk cache flush): 300 files 19-34 ms, 5,000 files 330-450 ms, with or without that 1 GiB.
-/// So a `syncfs` is taken when [`SYNCFS_BASE`] plus the dirty bytes at
-/// [`WRITEBACK_BYTES_PER_SEC`] is below [`FSYNC_EACH`] per path.
-const SYNCFS_BASE: Duration = Duration::from_millis(4);
-/// See [`SYNCFS_BASE`]: 1 GiB of someone else's dirty data added ~300 ms to a `syncfs`.
-const WRITEBACK_BYTES_PER_SEC: u64 = 3 << 30;
-/// See [`SYNCFS_BASE`].
-const FSYNC_EACH: Duration = Duration::from_micros(66);
-
-/// Bytes waiting for writeback, system-wide (`None` when `/proc/meminfo` cannot be read).
-fn dirty_bytes() -> Option<u64> {
-    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let mut total = 0;
-    for line in text.lines() {
-        let Some((key, rest)) = line.split_once(':') else { continue };
-        if key == "Dirty" || key == "Writeback" {
-            let kib: u64 = rest.trim().trim_end_matches("kB").trim().parse().ok()?;
-            total += kib * 1024;
-        }
-    }
-    Some(total)
-}
-
-/// Whether one `syncfs` is expected to be cheaper than `fsyncs` fsyncs, with `dirty` bytes dirty
-/// (system-wide: an over-estimate of the home's file system, which leans toward the fsyncs, whose
-/// cost is ours alone). Unknown (`None`: under fsd's Landlock confinement `/proc/meminfo` cannot be
-/// opened) counts as nothing else dirty: a `syncfs` from ~60 paths on.
-fn syncfs_is_cheaper(fsyncs: usize, dirty: Option<u64>) -> bool {
-    let dirty = dirty.unwrap_or(0);
-    let flush = Duration::from_secs_f64(dirty as f64 / WRITEBACK_BYTES_PER_SEC as f64);
-    SYNCFS_BASE + flush < FSYNC_EACH * u32::try_from(fsyncs).unwrap_or(u32::MAX)
-}
+/// Files up to this size get their writeback started before the fsyncs of a `Sync` (see
+/// [`sync_paths`]); larger ones are only fsynced.
+const ADVISE_MAX_BYTES: u64 = 16 << 20;
 
 /// Sync: makes each path's content, attributes and entry durable: every file and directory named
 /// is fsynced (writeback of all of them is started first, so that their data goes to the disk
 /// together and each fsync then mostly waits), then each parent directory once. A symlink is not
 /// followed: its parent directory holds it. When one `syncfs` is expected to be cheaper (many
-/// paths and little else dirty, see [`SYNCFS_BASE`]), that is done instead. A path that no longer exists is
+/// paths and little else dirty, see [`homefs_shared::sync_cost`]), that is done instead. A path that no longer exists is
 /// skipped (it was replaced or removed after it was stored: nothing of it is left to keep).
 ///
 /// # Errors
@@ -318,8 +282,8 @@ pub fn sync_paths(jail: &Jail, paths: &[WirePath]) -> Result<(), OpError> {
         paths.iter().map(|p| p.split_last().map_or_else(WirePath::root, |(d, _)| d)).collect();
     parents.sort_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
     parents.dedup();
-    let dirty = dirty_bytes();
-    let whole_fs = syncfs_is_cheaper(paths.len() + parents.len(), dirty);
+    let dirty = sync_cost::dirty_bytes();
+    let whole_fs = sync_cost::syncfs_is_cheaper(paths.len() + parents.len(), dirty);
     tracing::debug!(paths = paths.len(), parents = parents.len(), ?dirty, whole_fs, "sync");
     if whole_fs {
         return sync_fs(jail);
@@ -330,8 +294,13 @@ pub fn sync_paths(jail: &Jail, paths: &[WirePath]) -> Result<(), OpError> {
         match jail.open(p, flags, Mode::empty()) {
             Ok(fd) => {
                 // Starts the writeback of the file's dirty pages without waiting (the only such
-                // call without `unsafe`; pages still under writeback stay cached).
-                let _ = rustix::fs::fadvise(&fd, 0, None, rustix::fs::Advice::DontNeed);
+                // call without `unsafe`; pages still under writeback stay cached). Not for a
+                // large file: it also drops the pages already clean, and a 1 GiB file put just
+                // now would then be read from the disk by the next get (1.61 s cold vs 1.22 s
+                // warm); its fsync below writes it anyway.
+                if rustix::fs::fstat(&fd).is_ok_and(|st| st.st_size as u64 <= ADVISE_MAX_BYTES) {
+                    let _ = rustix::fs::fadvise(&fd, 0, None, rustix::fs::Advice::DontNeed);
+                }
                 fds.push(fd);
             }
             // A symlink (its entry is synced with its parent), or gone since.
@@ -436,18 +405,5 @@ mod tests {
         sync_paths(&jail, &[p("d"), p("d/f"), p("d/l"), p("d/gone"), p("top")]).expect("synced");
         let too_many: Vec<WirePath> = (0..=MAX_SYNC_PATHS).map(|_| p("d/f")).collect();
         assert!(matches!(sync_paths(&jail, &too_many), Err(e) if e.code() == ErrorCode::TooBig));
-    }
-
-    #[test]
-    fn syncfs_only_when_cheaper() {
-        // Nothing else dirty: syncfs (4 ms) beats 300 fsyncs (~20 ms), not 30 (~2 ms).
-        assert!(syncfs_is_cheaper(300, Some(0)));
-        assert!(!syncfs_is_cheaper(30, Some(0)));
-        // 1 GiB of someone else's dirty data: 300 fsyncs win, and 5,000 with 4 GiB.
-        assert!(!syncfs_is_cheaper(300, Some(1 << 30)));
-        assert!(!syncfs_is_cheaper(5_000, Some(4 << 30)));
-        // Unknown (Landlock): as if nothing else were dirty.
-        assert!(syncfs_is_cheaper(5_000, None));
-        assert!(!syncfs_is_cheaper(30, None));
     }
 }

@@ -8,6 +8,7 @@
 //! - [`tree`]: many files and trees (`-r`, `-j`), symlinks kept as symlinks.
 //! - [`batch`]: a tree's small files in batches (`PutFiles`/`GetFiles`), and `Sync` of what a put wrote.
 //! - [`shell`]: the FTP-style interactive shell.
+//! - [`writeback`]: a download's writeback started as it lands, so that the final sync waits for the tail only.
 
 pub mod batch;
 pub mod progress;
@@ -17,6 +18,7 @@ pub mod resume;
 pub mod shell;
 pub mod transfer;
 pub mod tree;
+pub mod writeback;
 
 use homefs_shared::{ErrorCode, PathError, WireError};
 use std::io;

@@ -16,6 +16,7 @@ use super::progress::{FileProgress, Outcome, Progress};
 use super::remote::{last_name, local_name};
 use super::resume::{self, SourceId};
 use super::transfer::{self, timestamp, TransferOptions};
+use super::writeback;
 use super::CopyError;
 use crate::client::Client;
 
@@ -530,6 +531,10 @@ async fn execute_get(
             Step::File { .. } => None,
         })
         .collect();
+    let first_dir = plan.iter().find_map(|s| match s {
+        Step::Dir { to, .. } => Some(to.clone()),
+        _ => None,
+    });
     let mut files = Vec::new();
     let mut dirs = Vec::new();
     for step in plan {
@@ -557,8 +562,11 @@ async fn execute_get(
     let topts = TransferOptions { preserve: opts.preserve, resume: opts.resume, swept };
     // Each source with its size from the listing, so that a large file is streamed at once.
     let batches = batch::Batches::new(true);
+    // The writeback of what landed runs in the background while the rest arrives (one syncfs of
+    // the destination now and then), so that the sync at the end has only the tail to write.
+    let flusher = first_dir.map(|d| writeback::Flusher::new(d, files.len()));
     let units = batch::group(files, |f| f.2.size, |f| f.0.as_bytes().len());
-    let (batches_ref, jobs) = (&batches, opts.jobs);
+    let (batches_ref, jobs, flusher_ref) = (&batches, opts.jobs, &flusher);
     let results = copy_units(
         units,
         opts.jobs,
@@ -569,6 +577,9 @@ async fn execute_get(
                 [(from, to, id, bar)] => vec![transfer::get_sized(client, from, to, topts, bar, Some(id.size)).await],
                 _ => batch::get(client, &files, topts, batches_ref, jobs).await,
             };
+            if let Some(f) = flusher_ref {
+                f.stored(results.iter().filter(|r| r.is_ok()).count());
+            }
             (files, results)
         },
     )
