@@ -44,7 +44,8 @@ Files up to 1 MiB go in one request each (stored under a temporary name and rena
 Durability: files are not synced one by one. netcp exits 0 only after everything it copied is on
 disk: after a put, the server makes what this run wrote durable (Sync: the files, directories and
 links it stored; an older server syncs the home's file system, SyncFs); after a get, netcp
-syncs each local file system it wrote to once (syncfs). A failed sync counts as a failed file.
+does the same locally (an fsync of each file, or one syncfs when that is cheaper), with writeback
+started while the data arrived. A failed sync counts as a failed file.
 
 Exit status:
   0  everything copied and verified
