@@ -39,10 +39,11 @@ Transfers are verified (BLAKE3 of the whole file on both ends; a mismatch is ret
 written under a temporary name (.NAME.TAG.homefs-part) renamed into place once verified. Running
 the same command again after an interruption continues from what is there, after checking it on
 both sides; a source that changed starts over. --no-resume always copies everything.
-Files up to 1 MiB go in one request each (stored under a temporary name and renamed by the server).
+Files up to 256 KiB go in batches (up to 64 files or 1 MiB a request), others up to 1 MiB in one
+request each; each is stored under a temporary name and renamed once its hash matched.
 
-Durability: files are not synced one by one. netcp exits 0 only after everything it copied is on
-disk: after a put, the server makes what this run wrote durable (Sync: the files, directories and
+Durability: netcp exits 0 only after everything it copied is on disk, and syncs once, at the
+end, only what it wrote: after a put, the server makes what this run wrote durable (Sync: the files, directories and
 links it stored; an older server syncs the home's file system, SyncFs); after a get, netcp
 does the same locally (an fsync of each file, or one syncfs when that is cheaper), with writeback
 started while the data arrived. A failed sync counts as a failed file.
