@@ -5,6 +5,7 @@ mod login;
 mod mount_behind;
 mod mount_cli;
 mod mount_create;
+mod mount_create_review;
 mod mount_fsx;
 mod mount_model;
 mod mount_multi;

@@ -36,7 +36,7 @@
 use bytes::Bytes;
 use fuser::{Errno, FileAttr};
 use homefs_shared::{Attr, DirEntry, ErrorCode, FileKind, SetAttr, SetTime, Timestamp, WirePath};
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::os::unix::ffi::OsStrExt;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -66,6 +66,8 @@ pub const DRAIN: Duration = Duration::from_secs(90);
 /// The mode bits fsd keeps (`fsd/src/ops/meta.rs` `CLIENT_MODE_BITS`: permissions and the
 /// sticky bit, never setuid/setgid): a pending file shows what the server will.
 const SERVER_MODE_BITS: u32 = 0o1777;
+/// How many stored paths [`Table::recent`] keeps.
+const RECENT: usize = 64;
 /// How long a failed close waits for the kernel to drop the name's dentry.
 const FORGET_WAIT: Duration = Duration::from_secs(5);
 /// `st_blocks` of a pending file counts whole 4 KiB blocks, as the server's ext4 will.
@@ -114,6 +116,9 @@ struct Pending {
     mtime_set: bool,
     atime: Timestamp,
     atime_set: bool,
+    /// A setattr was absorbed (even `touch`'s times "now", which set nothing explicit): the
+    /// caller did something to the file, so its close stores it (see [`Pending::untouched`]).
+    attr_set: bool,
     ctime: Timestamp,
     /// Bytes of the mount's budget this file holds (its buffer's capacity).
     charged: usize,
@@ -151,9 +156,10 @@ impl Pending {
         self.written.insert(at, (s, e));
     }
 
-    /// Nothing written or set since the create.
+    /// Nothing written or set since the create (`touch`'s `futimens(fd, NULL)` counts as set: its
+    /// file must be on the server, or its error reported, when `touch` returns).
     fn untouched(&self) -> bool {
-        self.data.is_empty() && self.cut.is_none() && !self.mode_set && !self.mtime_set && !self.atime_set
+        self.data.is_empty() && self.cut.is_none() && !self.attr_set
     }
 
     fn touched(&mut self) {
@@ -184,6 +190,9 @@ struct Table {
     /// Paths of the files not stored yet (a path cannot change while pending: what would change
     /// it stores the file first).
     paths: HashMap<WirePath, u64>,
+    /// The last [`RECENT`] paths stored: a listing read before such a store finished lacks the
+    /// name, and [`Remote::with_created`] no longer finds it pending (it adds it from the cache).
+    recent: VecDeque<WirePath>,
 }
 
 impl Creates {
@@ -216,13 +225,28 @@ impl Creates {
 
     /// The pending files for whose path `which(path)`.
     fn pending_where(&self, which: impl Fn(&WirePath) -> bool) -> Vec<Arc<Created>> {
+        self.pending_paths_where(which).into_iter().map(|(_, c)| c).collect()
+    }
+
+    /// As [`Creates::pending_where`], with each file's path.
+    fn pending_paths_where(&self, which: impl Fn(&WirePath) -> bool) -> Vec<(WirePath, Arc<Created>)> {
         let t = self.table();
-        t.paths.iter().filter(|(p, _)| which(p)).filter_map(|(_, n)| t.files.get(n).cloned()).collect()
+        t.paths
+            .iter()
+            .filter(|(p, _)| which(p))
+            .filter_map(|(p, n)| Some((p.clone(), t.files.get(n)?.clone())))
+            .collect()
     }
 
     /// Whether any file is pending (no lock taken on the common paths when none).
-    fn any_pending(&self) -> bool {
+    pub fn any_pending(&self) -> bool {
         !self.table().paths.is_empty()
+    }
+
+    /// The paths in `dir` stored lately (see [`Table::recent`]).
+    fn recent_in(&self, dir: &WirePath) -> Vec<WirePath> {
+        let t = self.table();
+        t.recent.iter().filter(|p| p.split_last().is_some_and(|(d, _)| d == *dir)).cloned().collect()
     }
 
     /// Files pending now (for tests and the profile).
@@ -309,10 +333,16 @@ impl Creates {
     }
 
     /// The file is stored (or given up): its path is no longer pending, its buffer no longer held.
-    fn settled(&self, n: u64, path: &WirePath, charged: usize) {
+    fn settled(&self, n: u64, path: &WirePath, charged: usize, stored: bool) {
         let mut t = self.table();
         if t.paths.get(path) == Some(&n) {
             t.paths.remove(path);
+        }
+        if stored {
+            if t.recent.len() >= RECENT {
+                t.recent.pop_front();
+            }
+            t.recent.push_back(path.clone());
         }
         drop(t);
         self.refund(charged);
@@ -379,6 +409,7 @@ impl Remote {
             mtime_set: false,
             atime: t,
             atime_set: false,
+            attr_set: false,
             ctime: t,
             charged: 0,
         };
@@ -448,16 +479,38 @@ impl Remote {
 
     /// `entries` (a listing of `dir`) with the files pending in it, as the server will list them.
     pub async fn with_created(&self, dir: &WirePath, mut entries: Vec<DirEntry>) -> Vec<DirEntry> {
-        if !self.creates.any_pending() {
+        // Pending first, then stored lately: a store settled in between is in the second.
+        let here = self.creates.pending_paths_where(|p| p.split_last().is_some_and(|(d, _)| d == *dir));
+        let recent = self.creates.recent_in(dir);
+        if here.is_empty() && recent.is_empty() {
             return entries;
         }
-        let here = self.creates.pending_where(|p| p.split_last().is_some_and(|(d, _)| d == *dir));
         let mut added = false;
-        for c in here {
+        for path in recent {
+            let Some((_, name)) = path.split_last() else { continue };
+            if let (Some(Cached::Present(attr)), false) =
+                (self.cache.get(&path), entries.iter().any(|e| e.name == name))
+            {
+                entries.push(DirEntry { name: name.to_vec(), attr });
+                added = true;
+            }
+        }
+        for (path, c) in here {
             let Ok(s) = lock(&c).await else { continue };
             if let State::Buffered(p) = &*s {
                 entries.retain(|e| e.name != p.name);
                 entries.push(DirEntry { name: p.name.clone(), attr: p.attr(c.ino) });
+                added = true;
+                continue;
+            }
+            drop(s);
+            // Stored while we waited for it: `entries` was read before, so it may lack the name
+            // (a failed store left the cache without it: then it is not added).
+            let Some((_, name)) = path.split_last() else { continue };
+            if let (Some(Cached::Present(attr)), false) =
+                (self.cache.get(&path), entries.iter().any(|e| e.name == name))
+            {
+                entries.push(DirEntry { name: name.to_vec(), attr });
                 added = true;
             }
         }
@@ -570,6 +623,7 @@ impl Remote {
         }
         if set != SetAttr::default() {
             p.ctime = t;
+            p.attr_set = true;
             Hits::add(&self.hits.setattr);
         }
         Some(Ok(p.attr(ino)))
@@ -664,7 +718,12 @@ impl Remote {
                     truncate: false,
                     ..open_flags(c.flags)
                 };
-                let (fh, a) = self.client.open(&path, flags, 0).await.map_err(|e| errno(&e))?;
+                let (fh, a) = match self.client.open(&path, flags, 0).await {
+                    Err(e) if e.code == ErrorCode::Access && flags.write => {
+                        self.open_own_read_only(&path, flags).await?
+                    }
+                    opened => opened.map_err(|e| errno(&e))?,
+                };
                 if !self.inodes.is(c.ino, a.ino) {
                     // Replaced by another file since: this handle's file has no name left to open.
                     self.close_quietly(fh.0).await;
@@ -676,6 +735,30 @@ impl Remote {
             State::Failed { .. } | State::Buffered(_) => Err(Errno::EIO),
             State::Released => Err(Errno::EBADF),
         }
+    }
+
+    /// Opens for writing our own new file created without owner write permission (git's objects,
+    /// `cp`/`tar` of a read-only file): a synchronous create's descriptor could write it, so this
+    /// one must too. Write permission is lent for the open and taken back (checked at open only).
+    async fn open_own_read_only(
+        &self,
+        path: &WirePath,
+        flags: homefs_shared::OpenFlags,
+    ) -> R<(homefs_shared::Fh, Attr)> {
+        let perm = self.client.stat(path).await.map_err(|e| errno(&e))?.perm & 0o7777;
+        if perm & 0o200 != 0 {
+            return Err(Errno::EACCES);
+        }
+        let lend = SetAttr { mode: Some(perm | 0o200), ..SetAttr::default() };
+        self.client.setattr(path, None, lend).await.map_err(|e| errno(&e))?;
+        let opened = self.client.open(path, flags, 0).await;
+        let restored = self.client.setattr(path, None, SetAttr { mode: Some(perm), ..SetAttr::default() }).await;
+        let (fh, attr) = opened.map_err(|e| errno(&e))?;
+        if let Err(e) = restored {
+            self.close_quietly(fh.0).await;
+            return Err(errno(&e));
+        }
+        Ok((fh, attr))
     }
 
     /// Stores the pending file of inode `ino` first, if there is one (a second open, a link, a
@@ -778,7 +861,7 @@ impl Remote {
                     let _ = n.inval_inode(fuser::INodeNo(c.ino), -1, 0);
                 }
                 *s = State::Stored { real };
-                self.creates.settled(c.ino, &p.path, p.charged);
+                self.creates.settled(c.ino, &p.path, p.charged, true);
                 Ok(())
             }
             Err(e) => {
@@ -794,7 +877,7 @@ impl Remote {
                     self.cache.invalidate_attr(&dir);
                 }
                 *s = State::Failed { error: report_later.then_some(e) };
-                self.creates.settled(c.ino, &p.path, p.charged);
+                self.creates.settled(c.ino, &p.path, p.charged, false);
                 Err(e)
             }
         }
@@ -897,6 +980,7 @@ mod tests {
             mtime_set: true,
             atime: t,
             atime_set: false,
+            attr_set: false,
             ctime: t,
             charged: 0,
         }
@@ -932,7 +1016,7 @@ mod tests {
         }
         let mut last = pending();
         assert!(!c.buffer(&mut last, 0, &vec![3u8; MAX_FILE_BYTES]), "past the mount's budget");
-        c.settled(0, &WirePath::new("f").unwrap(), p.charged);
+        c.settled(0, &WirePath::new("f").unwrap(), p.charged, false);
         assert!(c.buffer(&mut last, 0, &vec![3u8; MAX_FILE_BYTES]), "room again once one is stored");
         assert!(c.bytes.load(Ordering::Acquire) <= MAX_PENDING_BYTES);
     }

@@ -595,14 +595,16 @@ impl Filesystem for HomeFs {
 
     fn fsyncdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
         // Directory changes are made by the server's syscalls as they come; only unlinks
-        // answered behind may still be on their way.
+        // answered behind and files created behind may still be on their way: the files
+        // pending in it (or below) are stored first.
         let Some(dir) = self.remote.inodes.path(ino.0) else { return reply.ok() };
-        if !self.remote.cache.unlinks_pending(|d, _| *d == dir) {
+        if !self.remote.cache.unlinks_pending(|d, _| *d == dir) && !self.remote.creates.any_pending() {
             return reply.ok();
         }
         self.spawn("fsyncdir", move |r| async move {
+            let stored = r.materialize_within(&dir).await;
             r.wait_for_unlinks_in(&dir).await;
-            reply.ok()
+            reply_empty(reply, stored)
         });
     }
 
