@@ -300,7 +300,7 @@ fn mount_a_file_created_before_a_server_restart_is_stored_at_close_after_it() {
         ready = ready.display(),
         go = go.display()
     );
-    let mut child = Command::new("python3")
+    let child = Command::new("python3")
         .arg("-c")
         .arg(&script)
         .current_dir(&m.path)
@@ -313,12 +313,7 @@ fn mount_a_file_created_before_a_server_restart_is_stored_at_close_after_it() {
     });
     server.restart();
     fs::write(&go, "").expect("write the go flag");
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
-    while child.try_wait().expect("wait for python").is_none() {
-        assert!(std::time::Instant::now() < deadline, "the script did not finish within 120 s");
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
-    let out = child.wait_with_output().expect("python's output");
+    let out = homefs_tests::mount::child_output_within(child, std::time::Duration::from_secs(120), "the script");
     assert!(out.status.success(), "python: {}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(String::from_utf8_lossy(&out.stdout), "before restart; after\n");
     assert_eq!(fs::read_to_string(server.home_path("alice").join("r/f")).expect("stored"), "before restart; after");
@@ -399,7 +394,7 @@ fn mount_many_open_new_files_stay_within_the_budget_and_fsync_or_a_lock_stores_o
         ready = ready.display(),
         go = go.display()
     );
-    let mut child = Command::new("python3")
+    let child = Command::new("python3")
         .arg("-c")
         .arg(&script)
         .current_dir(&m.path)
@@ -416,12 +411,7 @@ fn mount_many_open_new_files_stay_within_the_budget_and_fsync_or_a_lock_stores_o
     let stored_early = (0..20).filter(|i| home.join(format!("b/f{i}")).exists()).count();
     assert!(stored_early >= 6, "only {stored_early} of 20 files stored before close: the budget holds 8 MiB");
     fs::write(&go, "").expect("write the go flag");
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
-    while child.try_wait().expect("wait for python").is_none() {
-        assert!(std::time::Instant::now() < deadline, "the script did not finish within 120 s");
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
-    let out = child.wait_with_output().expect("python's output");
+    let out = homefs_tests::mount::child_output_within(child, std::time::Duration::from_secs(120), "the script");
     assert!(out.status.success(), "python: {}", String::from_utf8_lossy(&out.stderr));
     for i in 0..20u8 {
         let body = fs::read(home.join(format!("b/f{i}"))).expect("stored");

@@ -226,44 +226,33 @@ fn mount_create_review_tar_x_into_a_full_quota_leaves_only_whole_files() {
     assert!((3..=5).contains(&seen.len()), "about 1 MB of whole files: {seen:?}");
 }
 
-#[test]
-fn mount_create_review_a_touched_new_file_is_on_the_server_when_touch_returns() {
-    let Some((server, m)) =
-        mounted_alice("mount_create_review_a_touched_new_file_is_on_the_server_when_touch_returns", None)
-    else {
-        return;
-    };
-    let out = python(
-        &server,
-        &m,
+/// The names of 40 new files, each made by its own shell running `command` (`%d`: the number),
+/// that were not on the server when that shell had returned.
+fn names_missing_when_the_shell_returned(test: &str, command: &str) -> Option<String> {
+    let (server, m) = mounted_alice(test, None)?;
+    let script = format!(
         "os.mkdir('e')\n\
          missing = []\n\
          for i in range(40):\n\
-         \x20   sh('touch e/t%d' % i)\n\
-         \x20   missing += [n for n in ['t%d' % i] if not os.path.exists(srv('e/' + n))]\n\
-         print(missing)\n",
+         \x20   sh('{command}' % i)\n\
+         \x20   missing += [n for n in ['%d' % i] if not os.path.exists(srv('e/' + n))]\n\
+         print(missing)\n"
     );
+    Some(python(&server, &m, &script))
+}
+
+#[test]
+fn mount_create_review_a_touched_new_file_is_on_the_server_when_touch_returns() {
+    let test = "mount_create_review_a_touched_new_file_is_on_the_server_when_touch_returns";
+    let Some(out) = names_missing_when_the_shell_returned(test, "touch e/%d") else { return };
     assert_eq!(out, "[]\n", "names not on the server when touch had returned");
 }
 
 #[test]
 #[ignore = "BUG: a new file never written nor set (`: > f`, `exec 3>f`) is stored at release, after close returned"]
 fn mount_create_review_an_empty_new_file_is_on_the_server_when_the_shell_returns() {
-    let Some((server, m)) =
-        mounted_alice("mount_create_review_an_empty_new_file_is_on_the_server_when_the_shell_returns", None)
-    else {
-        return;
-    };
-    let out = python(
-        &server,
-        &m,
-        "os.mkdir('e')\n\
-         missing = []\n\
-         for i in range(40):\n\
-         \x20   sh(': > e/c%d' % i)\n\
-         \x20   missing += [n for n in ['c%d' % i] if not os.path.exists(srv('e/' + n))]\n\
-         print(missing)\n",
-    );
+    let test = "mount_create_review_an_empty_new_file_is_on_the_server_when_the_shell_returns";
+    let Some(out) = names_missing_when_the_shell_returned(test, ": > e/%d") else { return };
     assert_eq!(out, "[]\n", "names not on the server when the shell that made them had returned");
 }
 

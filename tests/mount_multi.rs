@@ -217,14 +217,9 @@ fn line_within(out: std::process::ChildStdout, bound: Duration, what: &str) -> (
     (line.unwrap_or_else(|e| panic!("{what}: {e}")), out)
 }
 
-/// Waits at most `bound` for `child` to exit; its stdout.
-fn output_within(child: std::process::Child, bound: Duration, what: &str) -> String {
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = tx.send(child.wait_with_output());
-    });
-    let out = rx.recv_timeout(bound).unwrap_or_else(|_| panic!("waited {bound:?} for {what} to exit"));
-    let out = out.unwrap_or_else(|e| panic!("{what}: {e}"));
+/// Waits at most `bound` for `child` to exit successfully; its stdout.
+fn output_of(child: std::process::Child, bound: Duration, what: &str) -> String {
+    let out = homefs_tests::mount::child_output_within(child, bound, what);
     assert!(out.status.success(), "{what}: {:?}: {}", out.status, String::from_utf8_lossy(&out.stderr));
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
@@ -283,8 +278,8 @@ with open('data') as f:
         assert_eq!(waiting, "waiting\n");
         waiter.stdout = Some(out);
         holder.stdin.take().unwrap().write_all(b"go\n").unwrap();
-        output_within(holder, bound, "B's holder");
-        let seen = output_within(waiter, bound, "A's waiter");
+        output_of(holder, bound, "B's holder");
+        let seen = output_of(waiter, bound, "A's waiter");
         assert_eq!(
             seen,
             format!("{}|{content}", content.len()),

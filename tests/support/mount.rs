@@ -79,6 +79,26 @@ pub fn output_within(mut cmd: Command, timeout: Duration, what: &str) -> Output 
     }
 }
 
+/// Waits for `child`, already running with its stdout and stderr piped, to finish; kills it past
+/// `timeout`.
+///
+/// # Panics
+/// When it does not finish in time, or cannot be waited for (naming `what`).
+pub fn child_output_within(child: std::process::Child, timeout: Duration, what: &str) -> Output {
+    let pid = child.id();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(timeout) {
+        Ok(out) => out.unwrap_or_else(|e| panic!("{what}: wait: {e}")),
+        Err(_) => {
+            let _ = Command::new("kill").arg("-KILL").arg(pid.to_string()).status();
+            panic!("{what}: did not finish within {timeout:?}");
+        }
+    }
+}
+
 /// A `netmount` command for `user` of `server` on `mountpoint` (password in `HOMEFS_PASSWORD`,
 /// certificate pinned by `--fingerprint`), with `extra` arguments.
 pub fn netmount_command(server: &TestServer, user: &str, password: &str, mountpoint: &Path, extra: &[&str]) -> Command {
