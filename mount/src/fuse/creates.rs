@@ -36,7 +36,7 @@
 use bytes::Bytes;
 use fuser::{Errno, FileAttr};
 use homefs_shared::{Attr, DirEntry, ErrorCode, FileKind, SetAttr, SetTime, Timestamp, WirePath};
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::os::unix::ffi::OsStrExt;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -66,8 +66,6 @@ pub const DRAIN: Duration = Duration::from_secs(90);
 /// The mode bits fsd keeps (`fsd/src/ops/meta.rs` `CLIENT_MODE_BITS`: permissions and the
 /// sticky bit, never setuid/setgid): a pending file shows what the server will.
 const SERVER_MODE_BITS: u32 = 0o1777;
-/// How many stored paths [`Table::recent`] keeps.
-const RECENT: usize = 64;
 /// How long a failed close waits for the kernel to drop the name's dentry.
 const FORGET_WAIT: Duration = Duration::from_secs(5);
 /// `st_blocks` of a pending file counts whole 4 KiB blocks, as the server's ext4 will.
@@ -190,9 +188,6 @@ struct Table {
     /// Paths of the files not stored yet (a path cannot change while pending: what would change
     /// it stores the file first).
     paths: HashMap<WirePath, u64>,
-    /// The last [`RECENT`] paths stored: a listing read before such a store finished lacks the
-    /// name, and [`Remote::with_created`] no longer finds it pending (it adds it from the cache).
-    recent: VecDeque<WirePath>,
 }
 
 impl Creates {
@@ -241,12 +236,6 @@ impl Creates {
     /// Whether any file is pending (no lock taken on the common paths when none).
     pub fn any_pending(&self) -> bool {
         !self.table().paths.is_empty()
-    }
-
-    /// The paths in `dir` stored lately (see [`Table::recent`]).
-    fn recent_in(&self, dir: &WirePath) -> Vec<WirePath> {
-        let t = self.table();
-        t.recent.iter().filter(|p| p.split_last().is_some_and(|(d, _)| d == *dir)).cloned().collect()
     }
 
     /// Files pending now (for tests and the profile).
@@ -333,16 +322,10 @@ impl Creates {
     }
 
     /// The file is stored (or given up): its path is no longer pending, its buffer no longer held.
-    fn settled(&self, n: u64, path: &WirePath, charged: usize, stored: bool) {
+    fn settled(&self, n: u64, path: &WirePath, charged: usize) {
         let mut t = self.table();
         if t.paths.get(path) == Some(&n) {
             t.paths.remove(path);
-        }
-        if stored {
-            if t.recent.len() >= RECENT {
-                t.recent.pop_front();
-            }
-            t.recent.push_back(path.clone());
         }
         drop(t);
         self.refund(charged);
@@ -477,24 +460,23 @@ impl Remote {
         }
     }
 
-    /// `entries` (a listing of `dir`) with the files pending in it, as the server will list them.
-    pub async fn with_created(&self, dir: &WirePath, mut entries: Vec<DirEntry>) -> Vec<DirEntry> {
-        // Pending first, then stored lately: a store settled in between is in the second.
-        let here = self.creates.pending_paths_where(|p| p.split_last().is_some_and(|(d, _)| d == *dir));
-        let recent = self.creates.recent_in(dir);
-        if here.is_empty() && recent.is_empty() {
+    /// The files pending in `dir`: taken before its listing is read, and given to
+    /// [`Remote::with_created`] with it, so that a file stored in between (in neither the
+    /// listing nor the pending set when looked at after) is still listed.
+    pub fn created_in(&self, dir: &WirePath) -> Vec<(WirePath, Arc<Created>)> {
+        if !self.creates.any_pending() {
+            return Vec::new();
+        }
+        self.creates.pending_paths_where(|p| p.split_last().is_some_and(|(d, _)| d == *dir))
+    }
+
+    /// `entries` (a listing of `dir`, read after [`Remote::created_in`] gave `here`) with those
+    /// files, as the server will list them.
+    pub async fn with_created(&self, here: Vec<(WirePath, Arc<Created>)>, mut entries: Vec<DirEntry>) -> Vec<DirEntry> {
+        if here.is_empty() {
             return entries;
         }
         let mut added = false;
-        for path in recent {
-            let Some((_, name)) = path.split_last() else { continue };
-            if let (Some(Cached::Present(attr)), false) =
-                (self.cache.get(&path), entries.iter().any(|e| e.name == name))
-            {
-                entries.push(DirEntry { name: name.to_vec(), attr });
-                added = true;
-            }
-        }
         for (path, c) in here {
             let Ok(s) = lock(&c).await else { continue };
             if let State::Buffered(p) = &*s {
@@ -504,8 +486,8 @@ impl Remote {
                 continue;
             }
             drop(s);
-            // Stored while we waited for it: `entries` was read before, so it may lack the name
-            // (a failed store left the cache without it: then it is not added).
+            // Stored since it was taken: `entries` may have been read before, so it may lack the
+            // name (a failed store left the cache without it: then it is not added).
             let Some((_, name)) = path.split_last() else { continue };
             if let (Some(Cached::Present(attr)), false) =
                 (self.cache.get(&path), entries.iter().any(|e| e.name == name))
@@ -861,7 +843,7 @@ impl Remote {
                     let _ = n.inval_inode(fuser::INodeNo(c.ino), -1, 0);
                 }
                 *s = State::Stored { real };
-                self.creates.settled(c.ino, &p.path, p.charged, true);
+                self.creates.settled(c.ino, &p.path, p.charged);
                 Ok(())
             }
             Err(e) => {
@@ -877,7 +859,7 @@ impl Remote {
                     self.cache.invalidate_attr(&dir);
                 }
                 *s = State::Failed { error: report_later.then_some(e) };
-                self.creates.settled(c.ino, &p.path, p.charged, false);
+                self.creates.settled(c.ino, &p.path, p.charged);
                 Err(e)
             }
         }
@@ -1016,7 +998,7 @@ mod tests {
         }
         let mut last = pending();
         assert!(!c.buffer(&mut last, 0, &vec![3u8; MAX_FILE_BYTES]), "past the mount's budget");
-        c.settled(0, &WirePath::new("f").unwrap(), p.charged, false);
+        c.settled(0, &WirePath::new("f").unwrap(), p.charged);
         assert!(c.buffer(&mut last, 0, &vec![3u8; MAX_FILE_BYTES]), "room again once one is stored");
         assert!(c.bytes.load(Ordering::Acquire) <= MAX_PENDING_BYTES);
     }

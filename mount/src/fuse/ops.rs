@@ -682,6 +682,7 @@ impl Remote {
     /// server (one round trip per page), which the cache then keeps.
     pub async fn opendir(self: &Arc<Self>, ino: u64) -> R<u64> {
         let path = self.path(ino)?;
+        let created = self.created_in(&path);
         if self.cache.listing(&path).is_none() {
             self.wait_for_unlinks_in(&path).await;
             // A read-ahead of this directory in flight answers it soon.
@@ -701,7 +702,7 @@ impl Remote {
         };
         self.read_ahead(&path, &entries);
         self.read_ahead_siblings(&path);
-        let entries = self.with_created(&path, entries).await;
+        let entries = self.with_created(created, entries).await;
         Ok(self.handles.open_dir(DirSnapshot { ino, parent_ino: ino, entries }))
     }
 
