@@ -74,6 +74,14 @@ fn mount_unmount_by_flag_signal_and_crash() {
     // SIGTERM to the daemon unmounts cleanly.
     let m = TestMount::new(&server, "alice", PASSWORD, "");
     let pid = daemon_pid(&m.path);
+    // The background daemon runs with one malloc arena (its memory bound), unless we chose otherwise.
+    if std::env::var_os("MALLOC_ARENA_MAX").is_none() && std::env::var_os("GLIBC_TUNABLES").is_none() {
+        let environ = std::fs::read(format!("/proc/{pid}/environ")).expect("read the daemon's environment");
+        assert!(
+            environ.split(|b| *b == 0).any(|v| v == b"MALLOC_ARENA_MAX=1"),
+            "MALLOC_ARENA_MAX=1 in the daemon's environment"
+        );
+    }
     assert!(Command::new("kill").arg("-TERM").arg(pid.to_string()).status().unwrap().success());
     wait_until(Duration::from_secs(15), "SIGTERM to unmount", || !is_mounted(&m.path));
 
