@@ -154,9 +154,15 @@ is_mounted() { awk -v m="$1" '$5 == m { found = 1 } END { exit !found }' /proc/s
 # a mount that answers (a dead FUSE daemon gives ENOTCONN, a hung one the timeout)
 mount_alive() { bounded 10 stat -f "$1" >/dev/null 2>&1 && is_mounted "$1" 2>/dev/null; }
 
-drop() {  # drop the page cache (root only); bounded, since sync on a hung mount never returns
+# drop [PROGRAM...]: drop the page cache (root only; bounded, since sync on a hung mount never
+# returns), then run each PROGRAM once with --version, so that the timed command's own program and
+# libraries come back from the root disk before the clock starts: 'cold' is the target's cold cache,
+# not the tool's (a cold exec of find costs 8-10 ms here, as much as a whole cold find on a mount).
+drop() {
+  local p
   bounded 120 sync
   if [ "$DROP_OK" = 1 ]; then echo 3 >/proc/sys/vm/drop_caches; fi
+  for p in "$@"; do bounded 30 "$p" --version >/dev/null 2>&1; done
 }
 
 # fresh_fs DIR NAME [MB]: DIR becomes the root of a fresh ext4 of its own (see FRESH_FS), with DIR's
@@ -730,12 +736,12 @@ run_wl_once() {  # sec wl target round base nfiles tarball
         record "$s" "$L_SEQW_R" "$t" "$r" "$(mbps "$BIG_MB" "$LAST_S")" MB/s ;;
     seqread)
       [ -f "$d/big" ] || { record "$s" "$L_SEQR" "$t" "$r" FAIL s; note "$s: seqread on $t: no file to read (seqwrite failed?)"; return; }
-      drop
+      drop dd
       measure "$s" "$L_SEQR" "$t" "$r" dd if="$d/big" of=/dev/null bs=1M status=none &&
         record "$s" "$L_SEQR_R" "$t" "$r" "$(mbps "$BIG_MB" "$LAST_S")" MB/s ;;
     randread)
       [ -f "$d/big" ] || { record "$s" "$L_RR_R" "$t" "$r" FAIL IOPS; return; }
-      drop
+      drop fio
       local js=$LOGS/fio-randread-$s-$t-$r.json iops
       # the wall time (with fio's start-up) goes to a section the table leaves out; IOPS is the figure
       if measure "${s}_aux" "$L_RR" "$t" "$r" fio --name=randread --filename="$d/big" --rw=randread --bs=4k \
@@ -749,8 +755,8 @@ run_wl_once() {  # sec wl target round base nfiles tarball
     create)
       bounded 300 rm -rf "$d/small"; bounded 120 sync
       measure "$s" "$L_CREATE" "$t" "$r" "$PY" "$HELP" mkfiles "$d/small" "$n" "$NDIRS" "$SMALL_SIZE" ;;
-    lsr) drop; measure "$s" "$L_LSR" "$t" "$r" ls -lR "$d/small" ;;
-    find) drop; measure "$s" "$L_FIND" "$t" "$r" find "$d/small" ;;
+    lsr) drop ls; measure "$s" "$L_LSR" "$t" "$r" ls -lR "$d/small" ;;
+    find) drop find; measure "$s" "$L_FIND" "$t" "$r" find "$d/small" ;;
     rmsmall) bounded 120 sync; measure "$s" "$L_RMSMALL" "$t" "$r" rm -rf "$d/small" ;;
     tarx)
       bounded 300 rm -rf "$d/tree"; bounded 60 mkdir -p "$d/tree"; bounded 120 sync
@@ -758,7 +764,7 @@ run_wl_once() {  # sec wl target round base nfiles tarball
     rmtree) bounded 120 sync; measure "$s" "$L_RMTREE" "$t" "$r" rm -rf "$d/tree" ;;
     git)  # cold then warm on the same target, back to back (a later drop would un-warm it)
       if [ ! -d "$d/git/.git" ]; then fail_wl "$s" git "$t" "$r"; return; fi
-      drop; measure "$s" "$L_GITC" "$t" "$r" git -C "$d/git" status --porcelain
+      drop git; measure "$s" "$L_GITC" "$t" "$r" git -C "$d/git" status --porcelain
       measure "$s" "$L_GITW" "$t" "$r" git -C "$d/git" status --porcelain ;;
     dbench)
       if ! command -v dbench >/dev/null; then record "$s" "$L_DB" "$t" "$r" FAIL MB/s; return; fi
@@ -1009,7 +1015,7 @@ write_meta() {
     echo "Targets: homefs = fsd (release build, loopback TLS) + netmount ${NETMOUNT_OPTS:-(default options)}; sshfs = defaults (ssh cipher ${SSH_CIPHER:-?}); sshfs_perf = -o $SSHFS_PERF_OPTS; rclone = rclone mount over sftp, --vfs-cache-mode $RCLONE_CACHE_MODE; bindfs = bindfs ${BINDFS_OPTS:-defaults} over a local dir; local = plain dir. $([ "${#FRESH[@]}" -gt 0 ] && echo "Each target's backing directory (fsd's storage root for homefs) and the transfers' directory on a fresh ext4 of its own (${FS_IMG_MB} MiB sparse image, loop device with direct I/O), all on the same disk" || echo "All in plain directories on the same file system"); private sshd on 127.0.0.1:$SSH_PORT."
     echo "Latency profile: scripts/bench/relay.py delays every chunk ${LAT_DELAY_MS} ms in each direction (RTT $((LAT_DELAY_MS * 2)) ms), in front of fsd and sshd."
     echo "Versions: $(sshfs -V 2>&1 | grep -m1 '^SSHFS'), $(sshfs -V 2>&1 | grep -m1 'FUSE library'); $(ssh -V 2>&1); $(rclone version 2>/dev/null | head -1); $(vers bindfs --version); $(vers fio --version); rsync $(rsync --version 2>/dev/null | head -1 | awk '{print $3}'); $(vers git --version); dbench $(dpkg-query -W -f '${Version}' dbench 2>/dev/null); $(vers "$PY" --version)."
-    echo "Method: wall time of each command (bash EPOCHREALTIME); 'cold' = sync + echo 3 > /proc/sys/vm/drop_caches before the command (user-space caches of the FUSE daemons are not dropped). Writes: python, 1 MiB writes of random data + fsync; reads: dd bs=1M; small files: python, one write each; tar x --no-same-owner, no fsync. Transfers: warm page cache, no fsync by scp and rsync (netcp syncs once at the end), include connection setup and login (argon2 for netcp, ssh keys for scp/rsync); netcp verifies BLAKE3 end to end, scp and rsync do not."
+    echo "Method: wall time of each command (bash EPOCHREALTIME); 'cold' = sync + echo 3 > /proc/sys/vm/drop_caches before the command, then the command's program run once with --version (its binary back in memory; user-space caches of the FUSE daemons are not dropped). Writes: python, 1 MiB writes of random data + fsync; reads: dd bs=1M; small files: python, one write each; tar x --no-same-owner, no fsync. Transfers: warm page cache, no fsync by scp and rsync (netcp syncs once at the end), include connection setup and login (argon2 for netcp, ssh keys for scp/rsync); netcp verifies BLAKE3 end to end, scp and rsync do not."
     echo
     [ -s "$WORK/loadavg.txt" ] && { echo "Load average at the start of each round: $(tr '\n' ';' <"$WORK/loadavg.txt" | sed 's/;$//; s/;/; /g')."; echo; }
   } >"$META"
