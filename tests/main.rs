@@ -11,6 +11,7 @@ mod mount_model;
 mod mount_multi;
 mod mount_roundtrips;
 mod mount_shell;
+mod mount_usage;
 mod netcp_copy;
 mod netcp_resume;
 mod netcp_shell;

@@ -3,9 +3,11 @@
 //! kept here; its first `flush` (close) stores it with ONE `PutFile { exclusive }`, waits for
 //! that answer and returns its error. A new small file costs one round trip instead of two
 //! (create, then the close's queued write). One exception: a close that finds nothing written
-//! or set, without `O_EXCL`, leaves it pending (a shell's `> f` closes its first descriptor after
-//! `dup2`, before the command writes); the next close stores it, or the `release` does (an empty
-//! file: its failure, if any, is only logged). What must not change does not:
+//! or set, without `O_EXCL`, while the closing process still holds the file on another
+//! descriptor, leaves it pending (a shell's `cmd > f` closes its first descriptor after `dup2`,
+//! before the command writes); the next close stores it (`: > f` too: the restoring `dup2`
+//! closes it, and the file is on the server when the shell returns). What must not change does
+//! not:
 //!
 //! - **What users see while it is pending**: lookup, getattr/fstat, readdir and `ls -l` answer
 //!   from the pending state (size, mode, times; owner as every file here). `chmod`, `touch -m`,
@@ -70,6 +72,8 @@ const SERVER_MODE_BITS: u32 = 0o1777;
 const FORGET_WAIT: Duration = Duration::from_secs(5);
 /// `st_blocks` of a pending file counts whole 4 KiB blocks, as the server's ext4 will.
 const BLOCK: u64 = 4096;
+/// How long a close waits for `/proc` to say whether the closing process holds the file still.
+const PROC_WAIT: Duration = Duration::from_secs(1);
 
 /// One file answered by create-behind, from `create` to its `release`. Its provisional number is
 /// both its FUSE inode and its FUSE handle (two separate name spaces for the kernel).
@@ -330,6 +334,24 @@ impl Creates {
         drop(t);
         self.refund(charged);
     }
+}
+
+/// Whether process `pid` still holds `path` (as this mount spells it) on a descriptor: the one
+/// being closed has left its table already. From `/proc/PID/fd`, whose links the kernel answers
+/// from its dentries without asking this file system; the link ends with the path inside the
+/// mount (a pending file has one name only: what would add or change one stores it first).
+/// Unknown (pid 0, no `/proc`, a process gone, past [`PROC_WAIT`]): false, and the file is stored.
+async fn still_held(pid: u32, path: &WirePath) -> bool {
+    if pid == 0 {
+        return false;
+    }
+    let mut suffix = b"/".to_vec();
+    suffix.extend_from_slice(path.as_bytes());
+    let look = tokio::task::spawn_blocking(move || {
+        let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else { return false };
+        fds.flatten().any(|fd| std::fs::read_link(fd.path()).is_ok_and(|t| t.as_os_str().as_bytes().ends_with(&suffix)))
+    });
+    matches!(tokio::time::timeout(PROC_WAIT, look).await, Ok(Ok(true)))
 }
 
 /// Waits (bounded) for the file's state.
@@ -611,17 +633,23 @@ impl Remote {
         Some(Ok(p.attr(ino)))
     }
 
-    /// `flush` (each close) of a provisional handle: the first stores the file and returns the
-    /// store's error; later ones flush the server handle as any other.
-    pub async fn flush_created(&self, ino: u64, fh: u64, lock_owner: u64) -> R<()> {
+    /// `flush` (each close) of a provisional handle by process `pid`: the first stores the file
+    /// and returns the store's error; later ones flush the server handle as any other.
+    pub async fn flush_created(&self, ino: u64, fh: u64, lock_owner: u64, pid: u32) -> R<()> {
         let Some(c) = self.creates.get(fh) else { return Ok(()) };
         let mut s = lock(&c).await?;
+        // A shell's `cmd > f` opens f, dup2s it to 1 and closes the first descriptor before the
+        // command writes: that close finds nothing written while the process still holds the
+        // file, and leaves it pending, so the command's own close stores it, in one request
+        // still. Any other close stores it, written or not (`: > f`, `exec 3>f; exec 3>&-`: the
+        // file is on the server when the shell returns). `O_EXCL` callers want to know at their
+        // first close, so theirs is stored at once.
+        if let State::Buffered(p) = &*s {
+            if p.untouched() && c.flags & libc::O_EXCL == 0 && still_held(pid, &p.path).await {
+                return Ok(());
+            }
+        }
         match &mut *s {
-            // A shell's `> f` opens, dup2s and closes the first descriptor before the command
-            // writes: that close finds nothing written and leaves the file pending, so the
-            // command's own close stores it, in one request still. (`O_EXCL` callers want to
-            // know at their first close, so theirs is stored at once.)
-            State::Buffered(p) if p.untouched() && c.flags & libc::O_EXCL == 0 => Ok(()),
             State::Buffered(_) => {
                 let stored = self.store_locked(&c, &mut s, false).await;
                 drop(s);
@@ -830,7 +858,10 @@ impl Remote {
         let State::Buffered(mut p) = std::mem::replace(s, State::Stored { real: None }) else { return Ok(()) };
         let last = p.attr(c.ino);
         let data = Bytes::from(std::mem::take(&mut p.data));
-        match self.put_created(c, &p, data).await {
+        let stored = self.put_created(c, &p, data).await;
+        // Stored (or partly, in the EEXIST fall-back): the usage figures may have moved.
+        self.usage.changed();
+        match stored {
             Ok((attr, real)) => {
                 // The provisional number stays the file's for this mount (inodes.rs).
                 self.inodes.alias(attr.ino, c.ino);

@@ -10,7 +10,7 @@ use fuser::{
     ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyIoctl, ReplyLock, ReplyOpen, ReplyStatfs,
     ReplyWrite, Request, TimeOrNow, WriteFlags,
 };
-use homefs_shared::SetAttr;
+use homefs_shared::{SetAttr, StatFs};
 use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::future::Future;
@@ -125,6 +125,31 @@ fn reply_lookup(reply: ReplyEntry, ttl: Duration, negative_ttl: Duration, r: Res
         Ok(None) => reply.error(Errno::ENOENT),
         Err(e) => reply.error(e),
     }
+}
+
+/// As [`reply_entry`], after a request that may have moved the usage figures (`usage.rs`): they
+/// are stale before the caller hears back.
+fn reply_entry_moved(r: &Remote, reply: ReplyEntry, ttl: Duration, result: Result<Entry, Errno>) {
+    r.usage.changed();
+    reply_entry(reply, ttl, result)
+}
+
+/// As [`reply_empty`], after a request that may have moved the usage figures.
+fn reply_empty_moved(r: &Remote, reply: ReplyEmpty, result: Result<(), Errno>) {
+    r.usage.changed();
+    reply_empty(reply, result)
+}
+
+/// `statfs`'s reply. The fragment size is the largest of 4096, 512 and 1 that divides the quota,
+/// so `df -B1` shows it exactly.
+fn reply_statfs(reply: ReplyStatfs, s: &StatFs) {
+    let frsize = [4096u64, 512, 1].into_iter().find(|f| s.total_bytes % f == 0).unwrap_or(1);
+    let blocks = s.total_bytes / frsize;
+    let bfree = s.total_bytes.saturating_sub(s.used_bytes) / frsize;
+    let bavail = (s.free_bytes / frsize).min(bfree);
+    let files = 1 << 24;
+    let bsize = if s.block_size == 0 { BLOCK_SIZE } else { s.block_size };
+    reply.statfs(blocks, bfree, bavail, files, files, bsize, s.max_name, frsize as u32);
 }
 
 fn reply_empty(reply: ReplyEmpty, r: Result<(), Errno>) {
@@ -265,7 +290,11 @@ impl Filesystem for HomeFs {
             }
             return self.spawn("setattr", move |r| async move {
                 r.writes.settle(ino.0).await;
-                match r.setattr_created(ino.0, set, fh.map(|f| f.0), uid, gid).await {
+                let result = r.setattr_created(ino.0, set, fh.map(|f| f.0), uid, gid).await;
+                if set.size.is_some() {
+                    r.usage.changed();
+                }
+                match result {
                     Ok(attr) => reply.attr(&ttl, &attr),
                     Err(e) => reply.error(e),
                 }
@@ -281,7 +310,11 @@ impl Filesystem for HomeFs {
         }
         self.spawn("setattr", move |r| async move {
             r.writes.settle(ino.0).await;
-            match r.setattr(ino.0, set, fh.map(|f| f.0), uid, gid).await {
+            let result = r.setattr(ino.0, set, fh.map(|f| f.0), uid, gid).await;
+            if set.size.is_some() {
+                r.usage.changed();
+            }
+            match result {
                 Ok(attr) => reply.attr(&ttl, &attr),
                 Err(e) => reply.error(e),
             }
@@ -308,12 +341,18 @@ impl Filesystem for HomeFs {
         reply: ReplyEntry,
     ) {
         let (name, ttl) = (name_of(name), self.ttl());
-        self.spawn("mknod", move |r| async move { reply_entry(reply, ttl, r.mknod(parent.0, &name, mode).await) });
+        self.spawn("mknod", move |r| async move {
+            let made = r.mknod(parent.0, &name, mode).await;
+            reply_entry_moved(&r, reply, ttl, made)
+        });
     }
 
     fn mkdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, mode: u32, _umask: u32, reply: ReplyEntry) {
         let (name, ttl) = (name_of(name), self.ttl());
-        self.spawn("mkdir", move |r| async move { reply_entry(reply, ttl, r.mkdir(parent.0, &name, mode).await) });
+        self.spawn("mkdir", move |r| async move {
+            let made = r.mkdir(parent.0, &name, mode).await;
+            reply_entry_moved(&r, reply, ttl, made)
+        });
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
@@ -321,22 +360,29 @@ impl Filesystem for HomeFs {
         // Answered behind on this thread when nothing needs waiting for (unlinks.rs).
         if self.remote.try_unlink_behind(&self.rt, parent.0, &name) {
             self.count("unlink");
-            return reply.ok();
+            // An ask from now on waits for it (usage.rs).
+            return reply_empty_moved(&self.remote, reply, Ok(()));
         }
-        self.spawn("unlink", move |r| async move { reply_empty(reply, r.unlink(parent.0, &name).await) });
+        self.spawn("unlink", move |r| async move {
+            let unlinked = r.unlink(parent.0, &name).await;
+            reply_empty_moved(&r, reply, unlinked)
+        });
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let name = name_of(name);
-        self.spawn("rmdir", move |r| async move { reply_empty(reply, r.rmdir(parent.0, &name).await) });
+        self.spawn("rmdir", move |r| async move {
+            let removed = r.rmdir(parent.0, &name).await;
+            reply_empty_moved(&r, reply, removed)
+        });
     }
 
     fn symlink(&self, _req: &Request, parent: INodeNo, link_name: &OsStr, target: &Path, reply: ReplyEntry) {
         let (name, target, ttl) = (name_of(link_name), target.as_os_str().as_bytes().to_vec(), self.ttl());
-        self.spawn(
-            "symlink",
-            move |r| async move { reply_entry(reply, ttl, r.symlink(parent.0, &name, &target).await) },
-        );
+        self.spawn("symlink", move |r| async move {
+            let made = r.symlink(parent.0, &name, &target).await;
+            reply_entry_moved(&r, reply, ttl, made)
+        });
     }
 
     fn rename(
@@ -351,19 +397,27 @@ impl Filesystem for HomeFs {
     ) {
         let (name, newname, flags) = (name_of(name), name_of(newname), flags.bits());
         self.spawn("rename", move |r| async move {
-            reply_empty(reply, r.rename(parent.0, &name, newparent.0, &newname, flags).await)
+            let renamed = r.rename(parent.0, &name, newparent.0, &newname, flags).await;
+            reply_empty_moved(&r, reply, renamed)
         });
     }
 
     fn link(&self, _req: &Request, ino: INodeNo, newparent: INodeNo, newname: &OsStr, reply: ReplyEntry) {
         let (newname, ttl) = (name_of(newname), self.ttl());
-        self.spawn("link", move |r| async move { reply_entry(reply, ttl, r.link(ino.0, newparent.0, &newname).await) });
+        self.spawn("link", move |r| async move {
+            let made = r.link(ino.0, newparent.0, &newname).await;
+            reply_entry_moved(&r, reply, ttl, made)
+        });
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         self.spawn("open", move |r| async move {
             r.writes.settle(ino.0).await;
-            match r.open(ino.0, flags.0).await {
+            let opened = r.open(ino.0, flags.0).await;
+            if flags.0 & libc::O_TRUNC != 0 {
+                r.usage.changed();
+            }
+            match opened {
                 Ok((fh, open_flags)) => {
                     r.handles.file_opened(ino.0);
                     reply.opened(FileHandle(fh), open_flags)
@@ -423,7 +477,10 @@ impl Filesystem for HomeFs {
         if is_provisional(fh.0) {
             // Into the pending file's buffer while it fits (creates.rs).
             return self.spawn("write", move |r| async move {
-                match r.write_created(ino.0, fh.0, offset, data, flags.0).await {
+                let written = r.write_created(ino.0, fh.0, offset, data, flags.0).await;
+                // Past the buffer, the file is stored and written through (queued on `ino`).
+                r.usage.wrote(ino.0);
+                match written {
                     Ok(n) => reply.written(n),
                     Err(e) => reply.error(e),
                 }
@@ -433,18 +490,22 @@ impl Filesystem for HomeFs {
         // caller wants them done on return) go through at once, after any queued ones.
         let in_order = flags.0 & (libc::O_APPEND | libc::O_SYNC | libc::O_DSYNC) != 0;
         self.spawn("write", move |r| async move {
-            match r.write_behind(ino.0, fh.0, offset, data, in_order).await {
+            let written = r.clone().write_behind(ino.0, fh.0, offset, data, in_order).await;
+            // Queued or done: the next ask of the usage figures settles it first (usage.rs).
+            r.usage.wrote(ino.0);
+            match written {
                 Ok(n) => reply.written(n),
                 Err(e) => reply.error(e),
             }
         });
     }
 
-    fn flush(&self, _req: &Request, ino: INodeNo, fh: FileHandle, lock_owner: LockOwner, reply: ReplyEmpty) {
+    fn flush(&self, req: &Request, ino: INodeNo, fh: FileHandle, lock_owner: LockOwner, reply: ReplyEmpty) {
         if is_provisional(fh.0) {
             // The first close of a file created behind stores it; its error is close's.
+            let pid = req.pid();
             return self.spawn("flush", move |r| async move {
-                reply_empty(reply, r.flush_created(ino.0, fh.0, lock_owner.0).await)
+                reply_empty(reply, r.flush_created(ino.0, fh.0, lock_owner.0, pid).await)
             });
         }
         let writes = self.remote.writes.pending(ino.0) || self.remote.writes.has_error(fh.0);
@@ -476,9 +537,18 @@ impl Filesystem for HomeFs {
         // handle, so `release` unlocks it with the rest.
         let _ = lock_owner;
         self.remote.handles.file_released(ino.0);
+        // The last close of a file unlinked while open frees its space on the server: the usage
+        // figures are stale from now, and again once the server closed it (usage.rs).
+        let frees = self.remote.inodes.is_unlinked(ino.0);
+        if frees {
+            self.remote.usage.changed();
+        }
         if is_provisional(fh.0) {
             return self.spawn("release", move |r| async move {
                 r.release_created(ino.0, fh.0).await;
+                if frees {
+                    r.usage.changed();
+                }
                 reply.ok()
             });
         }
@@ -490,13 +560,20 @@ impl Filesystem for HomeFs {
                 if let Err(e) = r.write_error(fh.0) {
                     tracing::warn!(fh = fh.0, error = ?e, "a write failed after the file's last flush");
                 }
-                r.close_quietly(fh.0).await
+                r.close_quietly(fh.0).await;
+                if frees {
+                    r.usage.changed();
+                }
             });
             return;
         }
         self.spawn("release", move |r| async move {
             r.writes.settle(ino.0).await;
-            reply_empty(reply, r.release(fh.0, owners).await)
+            let released = r.release(fh.0, owners).await;
+            if frees {
+                r.usage.changed();
+            }
+            reply_empty(reply, released)
         });
     }
 
@@ -609,19 +686,16 @@ impl Filesystem for HomeFs {
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        // Someone watches usage: from now on, changes are refreshed behind (usage.rs).
+        self.remote.usage.watch(&self.remote, &self.rt);
+        // Fresh figures (nothing changed since they were asked; `find`'s fstatfs): no hop.
+        if let Some(s) = self.remote.usage_cached() {
+            self.count("statfs");
+            return reply_statfs(reply, &s);
+        }
         self.spawn("statfs", move |r| async move {
             match r.statfs().await {
-                Ok(s) => {
-                    // The fragment size is the largest of 4096, 512 and 1 that divides the quota,
-                    // so `df -B1` shows it exactly.
-                    let frsize = [4096u64, 512, 1].into_iter().find(|f| s.total_bytes % f == 0).unwrap_or(1);
-                    let blocks = s.total_bytes / frsize;
-                    let bfree = s.total_bytes.saturating_sub(s.used_bytes) / frsize;
-                    let bavail = (s.free_bytes / frsize).min(bfree);
-                    let files = 1 << 24;
-                    let bsize = if s.block_size == 0 { BLOCK_SIZE } else { s.block_size };
-                    reply.statfs(blocks, bfree, bavail, files, files, bsize, s.max_name, frsize as u32);
-                }
+                Ok(s) => reply_statfs(reply, &s),
                 Err(e) => reply.error(e),
             }
         });
@@ -644,7 +718,9 @@ impl Filesystem for HomeFs {
             return reply.created(&ttl, &attr, Generation(0), FileHandle(fh), FopenFlags::empty());
         }
         self.spawn("create", move |r| async move {
-            match r.create(parent.0, &name, mode, flags).await {
+            let created = r.create(parent.0, &name, mode, flags).await;
+            r.usage.changed();
+            match created {
                 Ok(((ino, attr), fh)) => {
                     r.handles.file_opened(ino);
                     reply.created(&ttl, &attr, Generation(0), FileHandle(fh), FopenFlags::empty())
@@ -731,7 +807,9 @@ impl Filesystem for HomeFs {
             };
             r.writes.settle(ino_in.0).await;
             r.writes.settle(ino_out.0).await;
-            match r.copy_range(fh_in, offset_in, ino_out.0, fh_out, offset_out, len).await {
+            let copied = r.copy_range(fh_in, offset_in, ino_out.0, fh_out, offset_out, len).await;
+            r.usage.changed();
+            match copied {
                 Ok(n) => reply.written(n),
                 Err(e) => reply.error(e),
             }

@@ -10,6 +10,7 @@
 //! - [`prefetch`]: listings in flight (directory read-ahead, lookups that fetch a listing).
 //! - [`unlinks`]: unlink-behind, and what waits for it.
 //! - [`creates`]: create-behind: a new small file stored in one request at its close.
+//! - [`usage`]: `statfs` answered from the last usage figures while nothing moved them.
 
 pub mod applied;
 pub mod attr;
@@ -27,4 +28,5 @@ pub mod prefetch;
 pub mod reads;
 pub mod session;
 pub mod unlinks;
+pub mod usage;
 pub mod writes;

@@ -68,6 +68,9 @@ pub async fn start(remote: &Arc<Remote>, ttl: Duration, stats: Arc<NoticeStats>)
         // grant waits for every notice received before it: `applied.rs`).
         if let Some(remote) = counted.upgrade() {
             remote.notices.received();
+            // Another connection changed something (or everything may have changed): the usage
+            // figures are stale from now (`usage.rs`).
+            remote.usage.changed();
         }
     });
     let weak = Arc::downgrade(remote);

@@ -22,6 +22,7 @@ use super::creates::Creates;
 use super::handles::{DirSnapshot, Handles};
 use super::inodes::{InodeTable, ROOT_INO};
 use super::prefetch::{Prefetch, LISTING_PAGE, READ_AHEAD_DIRS};
+use super::usage::Usage;
 use super::writes::WriteBehind;
 use crate::client::Client;
 
@@ -71,6 +72,8 @@ pub struct Remote {
     pub creates: Creates,
     /// How far change notices are applied (a lock grant waits for them: `applied.rs`).
     pub notices: NoticesApplied,
+    /// The usage figures `statfs` answers from while nothing moved them (`usage.rs`).
+    pub usage: Usage,
 }
 
 /// Counts of requests answered without a round trip.
@@ -800,10 +803,10 @@ impl Remote {
         }
     }
 
-    /// `statfs`, once the unlinks answered behind are done (`df` shows the space they free).
+    /// `statfs`: the last figures while fresh, else asked once the writes and the unlinks
+    /// answered behind are done (`df` shows the space they take and free; `usage.rs`).
     pub async fn statfs(&self) -> R<StatFs> {
-        self.wait_for_all_unlinks().await;
-        self.client.statfs().await.map_err(|e| errno(&e))
+        self.usage_figures().await
     }
 
     #[allow(clippy::too_many_arguments)]

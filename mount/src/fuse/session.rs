@@ -68,6 +68,7 @@ pub async fn prepare(client: Client, options: &MountOptions) -> Result<Arc<Remot
         prefetch: Default::default(),
         creates: Creates::new(options.create_behind),
         notices: Default::default(),
+        usage: Default::default(),
     }))
 }
 
