@@ -829,3 +829,52 @@ mod locks {
         ok(&a, Request::Lock { fh: fa, lock: range(LockKind::Write, 0, 10), wait: false }).await;
     }
 }
+
+/// Short requests run inline on a multi-thread runtime (ops/inline.rs) when a slot is free, on
+/// the pool otherwise: both ways at once must give the same results and an exact quota.
+mod inline {
+    use super::*;
+
+    /// Four sessions of one user, on four runtime threads, each making, linking, renaming over
+    /// and removing files in one shared directory: every request answers as it would alone, and
+    /// the ledger equals a fresh scan afterwards.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn short_requests_of_many_sessions_keep_the_quota_exact() {
+        let f = Arc::new(Fixture::new());
+        let s = f.session("alice", 1 << 30).await;
+        ok(&s, Request::Mkdir { path: p("d"), mode: 0o755 }).await;
+        let mut tasks = Vec::new();
+        for i in 0..4u8 {
+            let s = f.session("alice", 1 << 30).await;
+            tasks.push(tokio::spawn(async move {
+                for n in 0..50u32 {
+                    let (a, b, c) = (format!("d/{i}-{n}-a"), format!("d/{i}-{n}-b"), format!("d/{i}-{n}-c"));
+                    let put = Request::PutFile { path: p(&a), mode: 0o600, mtime: None, exclusive: true };
+                    ok_data(&s, put, Bytes::from(vec![i; 100 + n as usize])).await;
+                    ok(&s, Request::Link { from: p(&a), to: p(&b) }).await;
+                    // Not the last link: frees nothing.
+                    ok(&s, Request::Unlink { path: p(&a) }).await;
+                    ok(&s, Request::Symlink { target: a.clone().into_bytes(), path: p(&a) }).await;
+                    ok(&s, Request::Rename { from: p(&b), to: p(&c), flags: RenameFlags::default() }).await;
+                    if n % 2 == 0 {
+                        ok(&s, Request::Unlink { path: p(&c) }).await;
+                    }
+                    let dir = format!("d/{i}-{n}-dir");
+                    ok(&s, Request::Mkdir { path: p(&dir), mode: 0o700 }).await;
+                    ok(&s, Request::Rmdir { path: p(&dir) }).await;
+                    assert_eq!(err(&s, Request::Unlink { path: p(&dir) }).await, ErrorCode::NotFound);
+                }
+                s.end().await;
+            }));
+        }
+        for t in tasks {
+            t.await.expect("session task");
+        }
+        let scanned = scan_usage(&f.home("alice")).expect("scan");
+        // Per session: 25 files kept (odd n) of 100 + n bytes, and 50 symlinks to their first name.
+        let files: u64 = (0..50u64).filter(|n| n % 2 == 1).map(|n| 100 + n).sum::<u64>() * 4;
+        let links: u64 = (0..4).flat_map(|i| (0..50).map(move |n| format!("d/{i}-{n}-a").len() as u64)).sum();
+        assert_eq!(scanned, files + links, "the kept files and the symlinks");
+        assert_eq!(used(&s).await, scanned, "the ledger equals a fresh scan");
+    }
+}

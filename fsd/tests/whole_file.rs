@@ -198,3 +198,47 @@ async fn get_file_sends_up_to_max_len_with_its_hash_and_sync_fs_answers_done() {
         other => panic!("SyncFs answered {other:?}"),
     }
 }
+
+/// An exclusive put on a multi-thread runtime, where it runs inline (ops/inline.rs): it refuses
+/// any name that is taken without following or replacing it, sets mode and mtime, charges
+/// exactly, and leaves nothing when the quota refuses it. Many at once from two sessions: each name stored once, the ledger equal to a
+/// fresh scan.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exclusive_put_inline_refuses_what_is_there_and_charges_exactly() {
+    let f = Fixture::new();
+    let home = f.home("alice");
+    // Taken names made on the disk before the home is opened (its scan counts the symlinks).
+    std::fs::create_dir_all(home.join("d")).expect("mkdir");
+    std::os::unix::fs::symlink("nowhere", home.join("dangling")).expect("symlink");
+    std::os::unix::fs::symlink("n", home.join("to-n")).expect("symlink");
+    let s = f.session("alice", 100_000).await;
+    let mtime = Timestamp { secs: 1_500_000_000, nanos: 7 };
+    let attr =
+        put_ok(&s, Request::PutFile { path: p("n"), mode: 0o444, mtime: Some(mtime), exclusive: true }, b"abc").await;
+    assert_eq!((attr.size, attr.perm, attr.mtime), (3, 0o444, mtime));
+    assert_eq!(std::fs::read(home.join("n")).expect("n"), b"abc");
+    // Taken by a file, a directory, a dangling symlink, a symlink to a file: EEXIST, all untouched.
+    for taken in ["n", "d", "dangling", "to-n"] {
+        assert_eq!(put_err(&s, put(taken, true), b"other").await, ErrorCode::Exists, "{taken}");
+    }
+    assert_eq!(std::fs::read(home.join("n")).expect("n"), b"abc");
+    assert!(!home.join("nowhere").exists(), "the dangling symlink was followed");
+    assert_eq!(used(&s).await, 3 + 7 + 1, "n and the two symlinks");
+    // Over the quota: refused before the name exists.
+    let big = vec![1u8; 100_000];
+    assert_eq!(put_err(&s, put("big", true), &big).await, ErrorCode::QuotaExceeded);
+    assert!(std::fs::symlink_metadata(home.join("big")).is_err(), "a refused exclusive put left its name");
+    // Two sessions putting the same names at once: each name stored once, the rest EEXIST.
+    let s2 = f.session("alice", 100_000).await;
+    let names: Vec<String> = (0..200).map(|i| format!("d/f{}", i % 100)).collect();
+    let (a, b) = names.split_at(100);
+    let ra = a.iter().map(|n| s.handle(put(n, true), Bytes::from_static(b"0123456789")));
+    let rb = b.iter().map(|n| s2.handle(put(n, true), Bytes::from_static(b"0123456789")));
+    let (ra, rb) = tokio::join!(futures::future::join_all(ra), futures::future::join_all(rb));
+    let stored = ra.iter().chain(&rb).filter(|r| r.is_ok()).count();
+    let exists = ra.iter().chain(&rb).filter(|r| matches!(r, Err(e) if e.code == ErrorCode::Exists)).count();
+    assert_eq!((stored, exists), (100, 100), "each of 100 names stored once");
+    assert_eq!(used(&s).await, 11 + 100 * 10);
+    assert_eq!(scan_usage(&home).expect("scan"), 11 + 100 * 10, "the ledger equals a fresh scan");
+    assert!(temp_files(&home).is_empty(), "temporary files left: {:?}", temp_files(&home));
+}

@@ -1,5 +1,6 @@
 //! What a logged-in client does: one function per request kind, dispatched from
-//! [`AuthedSession::handle`]. Every filesystem syscall runs on the blocking pool through the jail.
+//! [`AuthedSession::handle`]. Filesystem syscalls run on the blocking pool through the jail, except
+//! short directory operations, which run inline when a slot is free (`inline.rs`).
 //!
 //! OWNED BY: the fsd-ops work (home/, ops/). The session layer uses only what is declared here.
 
@@ -9,7 +10,8 @@ use std::io;
 use std::sync::Arc;
 use std::time::Instant;
 
-use crate::home::UserHome;
+use crate::home::{Jail, UserHome};
+use inline::run_short;
 
 pub mod checksum;
 pub mod copy;
@@ -17,6 +19,7 @@ pub mod dir;
 pub mod error;
 pub mod file;
 pub mod handles;
+pub mod inline;
 pub mod link;
 pub mod lock;
 pub mod meta;
@@ -150,34 +153,40 @@ impl AuthedSession {
                 return Err(ErrorCode::Protocol.into());
             }
             Request::Ping => Response::Done,
-            Request::Stat { path } => Response::Attr(jail.run(move |j| meta::stat(j, &path)).await?),
+            Request::Stat { path } => Response::Attr(run_short(jail, move |j| meta::stat(j, &path)).await?),
             Request::ReadDir { path, after, max_entries } => {
                 let (entries, more) = jail.run(move |j| dir::read_dir(j, &path, after.as_deref(), max_entries)).await?;
                 Response::Entries { entries, more }
             }
-            Request::Mkdir { path, mode } => Response::Attr(jail.run(move |j| dir::mkdir(j, &path, mode)).await?),
+            Request::Mkdir { path, mode } => {
+                Response::Attr(run_short(jail, move |j| dir::mkdir(j, &path, mode)).await?)
+            }
             Request::Rmdir { path } => {
-                jail.run(move |j| dir::rmdir(j, &path)).await?;
+                run_short(jail, move |j| dir::rmdir(j, &path)).await?;
                 Response::Done
             }
             Request::Unlink { path } => {
-                jail.run(move |j| link::unlink(j, &quota, &path)).await?;
+                run_short(jail, move |j| link::unlink(j, &quota, &path)).await?;
                 Response::Done
             }
             Request::Rename { from, to, flags } => {
-                jail.run(move |j| link::rename(j, &quota, &from, &to, flags)).await?;
+                run_short(jail, move |j| link::rename(j, &quota, &from, &to, flags)).await?;
                 Response::Done
             }
             Request::Symlink { target, path } => {
-                Response::Attr(jail.run(move |j| link::symlink(j, &quota, &target, &path)).await?)
+                Response::Attr(run_short(jail, move |j| link::symlink(j, &quota, &target, &path)).await?)
             }
-            Request::ReadLink { path } => Response::Target(jail.run(move |j| link::read_link(j, &path)).await?),
-            Request::Link { from, to } => Response::Attr(jail.run(move |j| link::link(j, &quota, &from, &to)).await?),
+            Request::ReadLink { path } => Response::Target(run_short(jail, move |j| link::read_link(j, &path)).await?),
+            Request::Link { from, to } => {
+                Response::Attr(run_short(jail, move |j| link::link(j, &quota, &from, &to)).await?)
+            }
             Request::Open { path, flags, mode } => {
                 if !self.handles.has_room() {
                     return Err(ErrorCode::TooManyFiles.into());
                 }
-                let (handle, attr) = jail.run(move |j| file::open(j, &quota, &path, flags, mode)).await?;
+                // A truncation may free a large file's blocks: that one waits on the pool.
+                let open = move |j: &Jail| file::open(j, &quota, &path, flags, mode);
+                let (handle, attr) = if flags.truncate { jail.run(open).await? } else { run_short(jail, open).await? };
                 let fh = self.handles.insert(handle)?;
                 Response::Opened { fh, attr }
             }
@@ -203,24 +212,28 @@ impl AuthedSession {
             Request::Close { fh } => {
                 let h = self.handles.remove(fh).ok_or(ErrorCode::BadHandle)?;
                 self.locks.release_flock(h.file, self.id, fh.0);
-                // The last reference closes the fd; close(2) may block (e.g. on network storage).
-                jail.run(move |_| {
+                // The last reference closes the fd; close(2) may block (e.g. on network storage,
+                // or freeing a file unlinked while open): inline only within the slot's bound.
+                run_short(jail, move |_| {
                     drop(h);
-                    Ok::<_, OpError>(())
+                    Ok(())
                 })
                 .await?;
                 Response::Done
             }
             Request::SetAttr { path, fh, set } => {
                 let h = fh.map(|fh| self.handles.get(fh)).transpose()?;
-                Response::Attr(jail.run(move |j| meta::set_attr(j, &quota, &path, h.as_deref(), &set)).await?)
+                // A size change (truncation) may free a large file's blocks: that one waits on the pool.
+                let resize = set.size.is_some();
+                let set_attr = move |j: &Jail| meta::set_attr(j, &quota, &path, h.as_deref(), &set);
+                Response::Attr(if resize { jail.run(set_attr).await? } else { run_short(jail, set_attr).await? })
             }
             Request::Fsync { fh, datasync } => {
                 let h = self.handles.get(fh)?;
                 jail.run(move |_| file::fsync(&h, datasync)).await?;
                 Response::Done
             }
-            Request::StatFs => Response::StatFs(jail.run(move |j| meta::stat_fs(j, &quota)).await?),
+            Request::StatFs => Response::StatFs(run_short(jail, move |j| meta::stat_fs(j, &quota)).await?),
             Request::CopyRange { src, src_offset, dst, dst_offset, len } => {
                 let (src, dst) = (self.handles.get(src)?, self.handles.get(dst)?);
                 dst.notice.written();
@@ -242,8 +255,9 @@ impl AuthedSession {
             // Handled by the session layer (it owns the connection's notice stream).
             Request::Subscribe => return Err(ErrorCode::Protocol.into()),
             Request::PutFile { path, mode, mtime, exclusive } => {
-                let (hash, attr) =
-                    jail.run(move |j| whole::put_file(j, &quota, &path, mode, mtime, exclusive, &data)).await?;
+                let small = data.len() <= inline::MAX_INLINE_PUT_BYTES;
+                let put = move |j: &Jail| whole::put_file(j, &quota, &path, mode, mtime, exclusive, &data);
+                let (hash, attr) = if small { run_short(jail, put).await? } else { jail.run(put).await? };
                 Response::Stored { hash, attr }
             }
             Request::GetFile { path, max_len } => {

@@ -1,0 +1,102 @@
+//! Which requests may run on the runtime thread that handles them instead of hopping to the
+//! blocking pool, and the bound that keeps the runtime responsive while they do.
+//!
+//! A hop to the blocking pool and back costs about three context switches of fsd per request
+//! (wake a pool thread, park the runtime thread, wake it with the result): measured on this
+//! 2-core machine, 5,000 creates through netmount (one `PutFile` each) took fsd 29,000-30,000
+//! context switches and 460-560 ms of CPU through the pool, 7,200-8,800 and 280-400 ms inline.
+//! For a short directory operation (an unlink, a small exclusive put, a mkdir) the hop costs more
+//! than the operation, and a put is on its writer's critical path (the close waits for it).
+//!
+//! Short means: no bulk data and no wait by design. Stat, ReadLink, StatFs, Mkdir, Rmdir, Unlink,
+//! Rename, Symlink, Link, Open without truncation, Close, SetAttr without a size, and a PutFile of
+//! at most [`MAX_INLINE_PUT_BYTES`]. Reads, writes, listings, truncations, fsyncs, checksums and
+//! batches stay on the pool (small writes and listings inline were measured too: dbench and
+//! `rm -rf` of a tree were not measurably faster, and a write can wait for dirty-page throttling).
+//!
+//! The price: such an operation can still wait for the disk (a directory block or inode table
+//! not cached, a full journal), and a runtime thread that waits serves no one else meanwhile.
+//! So at most `workers - 1` requests run inline at any moment, server-wide ([`Slot`]); the rest
+//! take the pool as before. On a 1-thread runtime nothing runs inline. At least one runtime
+//! thread is therefore never held by a file system wait, and it keeps reading, answering and
+//! timing out every connection; what is given up is at most the parallelism of the others.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use super::OpError;
+use crate::home::Jail;
+
+/// Requests running inline right now, server-wide.
+static IN_USE: AtomicUsize = AtomicUsize::new(0);
+
+/// The most bytes of file data a `PutFile` may carry to run inline: a small file's write goes to
+/// the page cache; a larger one is more likely to wait for writeback.
+pub const MAX_INLINE_PUT_BYTES: usize = 64 * 1024;
+
+/// The right to run one request on the current runtime thread; given back on drop (also when the
+/// operation panics: the session answers that as an internal error).
+#[derive(Debug)]
+pub struct Slot(());
+
+impl Slot {
+    /// A slot if fewer than `workers - 1` requests run inline now and this is a multi-thread
+    /// runtime's worker; `None` otherwise (then use the pool).
+    pub fn try_take() -> Option<Slot> {
+        let handle = tokio::runtime::Handle::try_current().ok()?;
+        if handle.runtime_flavor() != tokio::runtime::RuntimeFlavor::MultiThread {
+            return None;
+        }
+        let limit = handle.metrics().num_workers().saturating_sub(1);
+        IN_USE
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < limit).then_some(n + 1))
+            .ok()
+            .map(|_| Slot(()))
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        IN_USE.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Runs `work` for one short request: inline when a [`Slot`] is free, else on the blocking pool
+/// through [`Jail::run`].
+///
+/// # Errors
+/// Whatever `work` returns (`EIO` when it panicked on the pool).
+pub async fn run_short<T, F>(jail: &Jail, work: F) -> Result<T, OpError>
+where
+    F: FnOnce(&Jail) -> Result<T, OpError> + Send + 'static,
+    T: Send + 'static,
+{
+    match Slot::try_take() {
+        Some(_slot) => work(jail),
+        None => jail.run(work).await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nothing_runs_inline_outside_a_multi_thread_runtime() {
+        assert!(Slot::try_take().is_none(), "no runtime");
+        let rt = tokio::runtime::Builder::new_current_thread().build().expect("runtime");
+        rt.block_on(async { assert!(Slot::try_take().is_none(), "current-thread runtime") });
+    }
+
+    #[test]
+    fn at_most_workers_minus_one_slots() {
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(3).build().expect("runtime");
+        rt.block_on(async {
+            let a = Slot::try_take().expect("first");
+            let b = Slot::try_take().expect("second");
+            assert!(Slot::try_take().is_none(), "a third of 3 workers stays free");
+            drop(a);
+            let c = Slot::try_take().expect("one given back");
+            drop((b, c));
+        });
+    }
+}
