@@ -9,6 +9,7 @@ mod mount_create_review;
 mod mount_fsx;
 mod mount_model;
 mod mount_multi;
+mod mount_reads;
 mod mount_roundtrips;
 mod mount_shell;
 mod mount_usage;

@@ -7,6 +7,8 @@
 //!                                   a lock grant queues what is pending first: `notice_sender.rs`)
 //!                    --spawn_blocking--> a Read: pread, then the answer written to TLS directly
 //!                                        when the writer is idle, else queued (`ReadNow`)
+//!                    (itself) a small Read alone in flight that misses the page cache: pread and
+//!                             answer on the reader (`read_in_place`)
 //! ```
 //! `Subscribe` and requests with the reserved id 0 are the session layer's: the first starts the
 //! connection's notice task (PROTOCOL.md, "Change notices"), the second is refused (`Protocol`).
@@ -18,7 +20,10 @@
 //! to four context switches of fsd per request, now one (`round_trip_rate` in
 //! tests/session_protocol.rs measures it). A Read that must wait for the disk goes to one
 //! blocking-pool thread that also writes its answer ([`ReadNow`]): a cold 4 KiB read costs fsd
-//! about 3 context switches instead of 6.
+//! about 3 context switches instead of 6; when it is the session's only request in flight (a
+//! random read at queue depth 1), the reader itself waits for the disk and answers
+//! ([`read_in_place`]): about 2 (fio 4 KiB randread QD1, `perf stat -e context-switches`: 3.4-3.9
+//! -> 2.8-2.9 a read, fsd CPU 43-49 -> 37-38 us a read).
 //! Back-pressure: a request takes a session permit before it is read; its task keeps the permit
 //! until its answer is queued. A client that stops reading fills the writer's queue, the tasks
 //! wait with their permits, and the reader stops reading that client: nothing grows without
@@ -326,6 +331,8 @@ async fn serve_requests<R: AsyncRead + Unpin>(
     let Serving { tasks, notices, requests, out } = serving;
     let limits = &state.config.limits;
     let in_flight = Arc::new(Semaphore::new(limits.max_in_flight_per_session));
+    // When reads in place are off after a slow one (`read_in_place`).
+    let mut in_place = InPlace::default();
     loop {
         while tasks.try_join_next().is_some() {}
         // Taken before reading: while every permit is busy this client is not read. A free
@@ -447,9 +454,18 @@ async fn serve_requests<R: AsyncRead + Unpin>(
             };
             if let Ok(held) = held {
                 let read = ReadNow { id, fh, offset, len, held, permit };
-                let (tx, authed, out) = (tx.downgrade(), authed.clone(), out.clone());
-                let span = tracing::Span::current();
-                tasks.spawn_blocking(move || span.in_scope(|| read.run(&authed, &out, &tx)));
+                // Alone in flight (queue depth 1): read here, see `read_in_place`.
+                let alone = in_flight.available_permits() + 1 == limits.max_in_flight_per_session;
+                let read = if alone { read_in_place(read, authed, out, tx, &mut in_place).await } else { Err(read) };
+                match read {
+                    Ok(Ok(())) => {}
+                    Ok(Err(end)) => return end,
+                    Err(read) => {
+                        let (tx, authed, out) = (tx.downgrade(), authed.clone(), out.clone());
+                        let span = tracing::Span::current();
+                        tasks.spawn_blocking(move || span.in_scope(|| read.run(&authed, &out, &tx)));
+                    }
+                }
                 continue;
             }
         }
@@ -551,6 +567,86 @@ impl ReadNow {
     }
 }
 
+/// A read in place slower than this (a slow or stuck disk, or a starved CPU) turns
+/// [`read_in_place`] off for the session for a while ([`InPlace`]).
+const IN_PLACE_SLOW: Duration = Duration::from_millis(20);
+/// How long reads in place stay off after the first slow one; each slow one in a row doubles
+/// it, up to [`IN_PLACE_OFF_MAX`]; a fast one resets it.
+const IN_PLACE_OFF_FIRST: Duration = Duration::from_secs(1);
+const IN_PLACE_OFF_MAX: Duration = Duration::from_secs(64);
+
+/// Whether a session's reader may read in place ([`read_in_place`]): off for a while after a slow
+/// read, so that a stuck disk holds the reader (and with it the session's other requests and
+/// pings) for at most one read per [`IN_PLACE_OFF_MAX`], while one slow read on a busy machine (a
+/// preempted reader) costs only [`IN_PLACE_OFF_FIRST`] of reads through the blocking pool.
+#[derive(Debug)]
+struct InPlace {
+    off_until: Option<Instant>,
+    off_for: Duration,
+}
+
+impl Default for InPlace {
+    fn default() -> InPlace {
+        InPlace { off_until: None, off_for: IN_PLACE_OFF_FIRST }
+    }
+}
+
+impl InPlace {
+    fn allowed(&self) -> bool {
+        self.off_until.is_none_or(|t| Instant::now() >= t)
+    }
+
+    /// Records how long a read in place took.
+    fn took(&mut self, took: Duration) {
+        if took < IN_PLACE_SLOW {
+            self.off_for = IN_PLACE_OFF_FIRST;
+            return;
+        }
+        warn!(?took, off_for = ?self.off_for, "a small read was slow; this session's reads go to the blocking pool for a while");
+        self.off_until = Some(Instant::now() + self.off_for);
+        self.off_for = (self.off_for * 2).min(IN_PLACE_OFF_MAX);
+    }
+}
+
+/// The lone small `Read` of a session whose bytes are not in the page cache (the `RWF_NOWAIT`
+/// attempt has just started the disk read), read and answered by the session's reader itself,
+/// on its runtime worker: the answer does not wait for a blocking-pool thread to wake up (at
+/// queue depth 1 that hop lies between the disk's answer and the client's, and on a loaded
+/// 2-core machine it is often longer than the disk's remaining time). The worker waits for the
+/// disk meanwhile (tens of microseconds); the runtime's other workers take its other tasks. While
+/// it reads, this session reads no new request: so only when nothing else is in flight (the
+/// client is waiting for this answer), at most [`CACHED_READ_MAX`] bytes, within the server-wide
+/// bound on work waiting on runtime threads (`ops/inline.rs`), and not for a while after one took
+/// [`IN_PLACE_SLOW`] or more ([`InPlace`]: the blocking pool waits for a slow disk).
+/// Gives the read back (`Err`) when it does not qualify.
+async fn read_in_place(
+    read: ReadNow,
+    authed: &AuthedSession,
+    out: &AnswerOut,
+    tx: &mpsc::Sender<Answer>,
+    in_place: &mut InPlace,
+) -> Result<Result<(), End>, ReadNow> {
+    if read.len > CACHED_READ_MAX || !in_place.allowed() {
+        return Err(read);
+    }
+    // One of the server-wide slots for work that may wait on the runtime thread (`ops/inline.rs`):
+    // at least one runtime thread is never held by a disk.
+    let Some(slot) = crate::ops::inline::Slot::try_take() else { return Err(read) };
+    let ReadNow { id, fh, offset, len, held, permit } = read;
+    let started = std::time::Instant::now();
+    let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| crate::ops::file::read_now(authed, fh, offset, len)));
+    drop(slot);
+    in_place.took(started.elapsed());
+    let (result, data) = answer_of(id, outcome);
+    let answer = (ResponseHeader { id, result }, data, held);
+    let sent = match out.write_direct(tx, answer).await {
+        None => Ok(()),
+        Some(answer) => tx.send(answer).await.map_err(|_| End::WriterGone),
+    };
+    drop(permit);
+    Ok(sent)
+}
+
 /// A cached small read, answered at once with its share of the read budget (taken without
 /// waiting); `None` when it must go through the request's task.
 fn read_cached(
@@ -627,17 +723,23 @@ impl AnswerOut {
     /// carry their ids, so one written here ahead of one queued a moment later is in order for
     /// the client.
     fn write_now(&self, queue: &mpsc::Sender<Answer>, answer: Answer) -> Option<Answer> {
+        let Ok(rt) = tokio::runtime::Handle::try_current() else { return Some(answer) };
+        rt.block_on(self.write_direct(queue, answer))
+    }
+
+    /// As [`AnswerOut::write_now`], for a caller on the runtime (the session's reader).
+    async fn write_direct(&self, queue: &mpsc::Sender<Answer>, answer: Answer) -> Option<Answer> {
         if answer.1.len() > DIRECT_WRITE_MAX || queue.capacity() != WRITER_QUEUE {
             return Some(answer);
         }
         let Ok(mut guard) = self.out.try_lock() else { return Some(answer) };
         let Some(out) = guard.as_mut() else { return Some(answer) };
-        let Ok(rt) = tokio::runtime::Handle::try_current() else { return Some(answer) };
         let (max, limit) = (self.max_frame_bytes, self.write_timeout);
-        let written = rt.block_on(async {
+        let written = async {
             write_answer(out, answer, max, limit).await?;
             with_timeout(out.flush(), "flush", limit).await
-        });
+        }
+        .await;
         if let Err(e) = written {
             debug!(error = %e, "writing an answer failed; closing the connection");
             *guard = None;
@@ -773,6 +875,29 @@ mod tests {
         let seen = tokio::time::timeout(Duration::from_secs(10), reading).await.expect("reader ends").expect("task");
         assert_eq!(seen.len(), 450);
         assert!(seen.values().all(|&n| n == 1), "each answer exactly once");
+    }
+
+    /// A slow read in place turns reads in place off for a while, each slow one in a row for
+    /// twice as long up to the cap; a fast one makes the next pause short again.
+    #[tokio::test]
+    async fn slow_reads_in_place_turn_them_off_for_a_growing_while() {
+        let mut p = InPlace::default();
+        assert!(p.allowed(), "on at first");
+        p.took(Duration::from_millis(1));
+        assert!(p.allowed(), "a fast read changes nothing");
+        p.took(IN_PLACE_SLOW);
+        assert!(!p.allowed(), "off right after a slow read");
+        assert_eq!(p.off_for, IN_PLACE_OFF_FIRST * 2, "the next pause is longer");
+        for _ in 0..10 {
+            p.took(IN_PLACE_SLOW * 3);
+        }
+        assert_eq!(p.off_for, IN_PLACE_OFF_MAX, "capped");
+        let until = p.off_until.expect("off");
+        assert!(until <= Instant::now() + IN_PLACE_OFF_MAX, "never off for longer than the cap");
+        p.took(Duration::from_millis(2));
+        assert_eq!(p.off_for, IN_PLACE_OFF_FIRST, "a fast read resets the pause");
+        p.off_until = Some(Instant::now());
+        assert!(p.allowed(), "on again once the pause is over");
     }
 
     /// A direct write that fails (the client went) ends the writer task, which closes the queue

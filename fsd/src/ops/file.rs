@@ -84,12 +84,13 @@ pub fn read(handle: &Handle, offset: u64, len: u32) -> Result<(Bytes, u64), OpEr
     Ok((buf.freeze(), size))
 }
 
-/// Read for the session layer, on the calling thread (a blocking-pool thread: it waits for the
-/// disk): what [`super::AuthedSession::handle`] answers to a `Read`, without the request's async
-/// task around it (`Read` changes nothing, so there is no change notice to publish). The session
-/// layer runs it on a blocking thread that also writes the answer (`session::ReadNow`), so a read
-/// that misses the page cache costs one hop to that thread, instead of reader -> task -> blocking
-/// pool -> task -> writer.
+/// Read for the session layer, on the calling thread (it waits for the disk): what
+/// [`super::AuthedSession::handle`] answers to a `Read`, without the request's async task around
+/// it (`Read` changes nothing, so there is no change notice to publish). The session layer runs
+/// it on a blocking thread that also writes the answer (`session::ReadNow`), so a read that misses
+/// the page cache costs one hop to that thread, instead of reader -> task -> blocking pool -> task
+/// -> writer; or, for a small read alone in flight, on the session's reader itself, no hop at all
+/// (`session::read_in_place`).
 ///
 /// # Errors
 /// The code the client sees: `BadHandle` for a handle this session does not hold, else the errno.

@@ -10,8 +10,9 @@
 //!
 //! Short means: no bulk data and no wait by design. Stat, ReadLink, StatFs, Mkdir, Rmdir, Unlink,
 //! Rename, Symlink, Link, Open without truncation, Close, SetAttr without a size, and a PutFile of
-//! at most [`MAX_INLINE_PUT_BYTES`]. Reads, writes, listings, truncations, fsyncs, checksums and
-//! batches stay on the pool (small writes and listings inline were measured too: dbench and
+//! at most [`MAX_INLINE_PUT_BYTES`]; and, taken by the session layer, the lone small read of a
+//! session that missed the page cache (`session::read_in_place`). Other reads, writes, listings,
+//! truncations, fsyncs, checksums and batches stay on the pool (small writes and listings inline were measured too: dbench and
 //! `rm -rf` of a tree were not measurably faster, and a write can wait for dirty-page throttling).
 //!
 //! The price: such an operation can still wait for the disk (a directory block or inode table

@@ -31,7 +31,10 @@ pub use login_args::LoginArgs;
 pub use mux::{Notice, NoticeFn};
 
 use handles::{Handles, Lookup};
-use mux::{Conn, Mux, SendError};
+use mux::{Conn, Mux, ReplyFn, SendError};
+
+/// Called once with the answer of [`Client::read_detached`]: the data and the file's size.
+pub type ReadDone = Box<dyn FnOnce(Result<(Bytes, u64), WireError>) + Send>;
 
 /// The default of [`ConnectOptions::reconnect_timeout`]: how long a call waits for a lost
 /// connection to come back before it fails with EIO.
@@ -127,6 +130,16 @@ impl Drop for Inner {
     /// The last clone is gone: stop reconnecting and close the connection.
     fn drop(&mut self) {
         self.mux.shut_down();
+    }
+}
+
+/// One place of [`Inner::in_flight`] held by a detached request (whose callback cannot borrow
+/// the semaphore); given back on drop.
+struct InFlight(Arc<Inner>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.add_permits(1);
     }
 }
 
@@ -463,6 +476,54 @@ impl Client {
             }
         }
         Ok((buf.freeze(), size))
+    }
+
+    /// As [`Client::read`], but returns once the request is sent: `done` gets the answer exactly
+    /// once, called by the task that receives it (the connection's reader), so that the caller's
+    /// thread neither waits nor is woken. For a lone small read (a 4 KiB random read at queue
+    /// depth 1) that is one thread hop less. When that cannot be done at once (no connection up,
+    /// a handle to reopen, all in-flight places taken, a large read), and when the connection dies
+    /// under it, the read goes the usual way ([`Client::read`], with its waits and retries) on a
+    /// task. Call from within the runtime's context (a task, or `Handle::block_on`).
+    pub async fn read_detached(&self, fh: Fh, offset: u64, len: u32, done: ReadDone) {
+        // Held for the callback, which may run on a thread outside the runtime (`kill`).
+        let rt = tokio::runtime::Handle::current();
+        let Some((conn, server_fh, permit)) = self.detached_slot(fh, len) else {
+            return self.read_later(&rt, fh, offset, len, done);
+        };
+        let request = Request::Read { fh: server_fh, offset, len };
+        self.inner.counts.count(&request);
+        let client = self.clone();
+        let answered: ReplyFn = Box::new(move |reply| {
+            drop(permit);
+            match reply {
+                Ok((Ok(Response::Data { size }), data)) => done(Ok((data, size))),
+                Ok((Ok(_), _)) => done(Err(unexpected("Read"))),
+                Ok((Err(e), _)) => done(Err(e)),
+                // Not sent, or lost with the connection: a read may be sent again.
+                Err(SendError::NotSent | SendError::Lost) => client.read_later(&rt, fh, offset, len, done),
+                Err(e @ SendError::TimedOut) => done(Err(lost_error(e))),
+            }
+        });
+        conn.request_detached(request, Bytes::new(), answered).await;
+    }
+
+    /// What a detached read needs, if all of it is there without waiting: the connection, the
+    /// server's handle on it, and an in-flight place (given back when the guard drops).
+    fn detached_slot(&self, fh: Fh, len: u32) -> Option<(Arc<Conn>, Fh, InFlight)> {
+        if len > MAX_DATA_BYTES {
+            return None;
+        }
+        let conn = self.inner.mux.current()?;
+        let Lookup::Ready(server_fh) = self.inner.handles.lookup(fh, conn.epoch) else { return None };
+        self.inner.in_flight.try_acquire().ok()?.forget();
+        Some((conn, server_fh, InFlight(self.inner.clone())))
+    }
+
+    /// The read the usual way on a new task; `done` gets its answer.
+    fn read_later(&self, rt: &tokio::runtime::Handle, fh: Fh, offset: u64, len: u32, done: ReadDone) {
+        let client = self.clone();
+        rt.spawn(async move { done(client.read(fh, offset, len).await) });
     }
 
     async fn read_once(&self, fh: Fh, offset: u64, len: u32) -> Result<(Bytes, u64), WireError> {

@@ -8,6 +8,11 @@
 //!   read, waits for); otherwise it queues on a bounded channel, and a writer task writes the
 //!   queue through the `BufWriter`, flushing when it is empty so that bursts share TLS records.
 //!   When the connection dies, every waiter wakes at once (as sshfs's `clean_req`).
+//! - A request may also leave a callback instead of a oneshot ([`Conn::request_detached`]): the
+//!   reader task calls it with the answer, so the caller's thread need not wait, and the answer
+//!   is used (a FUSE reply written) without a wake-up of another thread. Every callback is called
+//!   exactly once: with the answer, `Lost` when the connection dies, or `TimedOut` (the reader
+//!   sweeps them every [`SWEEP_EVERY`]) after [`REPLY_TIMEOUT`].
 //! - [`Mux`] holds the current connection in a `watch` channel. Its supervisor task sends a
 //!   keepalive `Ping` when the connection has been idle, and after a loss reconnects with backoff
 //!   (100 ms doubling to 5 s) and logs in again with the session token, never the password.
@@ -43,12 +48,45 @@ const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 /// The longest a request waits for its answer on a live connection. Generous: a lock request
 /// waits up to ~10 s on the server, and a 4 MiB write can crawl on a slow link.
 const REPLY_TIMEOUT: Duration = Duration::from_secs(120);
+/// How often the reader looks for detached requests past [`REPLY_TIMEOUT`].
+const SWEEP_EVERY: Duration = Duration::from_secs(5);
 /// The first delay between reconnect attempts; it doubles up to [`BACKOFF_MAX`].
 const BACKOFF_FIRST: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 
 /// An answer: the server's result and the frame's data.
 pub(crate) type Reply = (Result<Response, WireError>, Bytes);
+
+/// Called once with a detached request's answer, or why there is none ([`Conn::request_detached`]).
+/// It runs on the connection's reader task (or on the thread that found the connection dead): it
+/// must not wait.
+pub(crate) type ReplyFn = Box<dyn FnOnce(Result<Reply, SendError>) + Send>;
+
+/// Who waits for an answer.
+enum Waiter {
+    /// A task in [`Conn::request`], with its own timeout.
+    Task(oneshot::Sender<Reply>),
+    /// A callback from [`Conn::request_detached`] and when it times out.
+    Call(ReplyFn, Instant),
+}
+
+impl Waiter {
+    /// The answer, or why there is none, to whoever waits. A callback that panics loses only
+    /// its own answer (its reply, dropped, answers EIO), never the connection's reader.
+    fn complete(self, result: Result<Reply, SendError>) {
+        match (self, result) {
+            // The caller may have given up (dropped its future): nothing to do then.
+            (Waiter::Task(tx), Ok(reply)) => drop(tx.send(reply)),
+            // Dropping the sender wakes the task with the loss.
+            (Waiter::Task(_), Err(_)) => {}
+            (Waiter::Call(f, _), result) => {
+                if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(result))).is_err() {
+                    tracing::error!("a detached request's callback panicked");
+                }
+            }
+        }
+    }
+}
 
 /// What the server told this client unasked, after [`Mux::subscribe`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -103,7 +141,7 @@ pub(crate) struct Conn {
     writer: tokio::sync::Mutex<Writer>,
     /// Requests queued or sent and not yet answered; `None` once the connection is dead, so no
     /// request can be added after the waiters were woken.
-    pending: Mutex<Option<HashMap<RequestId, oneshot::Sender<Reply>>>>,
+    pending: Mutex<Option<HashMap<RequestId, Waiter>>>,
     /// When the last frame arrived, for the keepalive.
     last_frame: Mutex<Instant>,
     /// Cancelled when the connection dies (or the client is dropped: a child token).
@@ -146,7 +184,9 @@ impl Conn {
     pub(crate) fn kill(&self) {
         self.dead.cancel();
         let waiters = lock(&self.pending).take();
-        drop(waiters);
+        for (_, w) in waiters.into_iter().flatten() {
+            w.complete(Err(SendError::Lost));
+        }
     }
 
     /// Sends one request and waits for its answer.
@@ -154,7 +194,7 @@ impl Conn {
         let id = RequestId(self.next_id.fetch_add(1, Ordering::Relaxed));
         let (tx, rx) = oneshot::channel();
         match lock(&self.pending).as_mut() {
-            Some(map) => map.insert(id, tx),
+            Some(map) => map.insert(id, Waiter::Task(tx)),
             None => return Err(SendError::NotSent),
         };
         let header = RequestHeader { id, request };
@@ -190,6 +230,70 @@ impl Conn {
         }
     }
 
+    /// Sends one request without waiting for its answer: `done` is called with it exactly once,
+    /// by the reader task when it arrives (or as the module doc says). Returns once the frame is
+    /// written (the writer idle: by this caller, without a hop) or queued; never waits for room in
+    /// the queue (a full queue is `NotSent`).
+    pub(crate) async fn request_detached(&self, request: Request, data: Bytes, done: ReplyFn) {
+        let id = RequestId(self.next_id.fetch_add(1, Ordering::Relaxed));
+        let waiter = Waiter::Call(done, Instant::now() + REPLY_TIMEOUT);
+        let refused = match lock(&self.pending).as_mut() {
+            Some(map) => {
+                map.insert(id, waiter);
+                None
+            }
+            None => Some(waiter),
+        };
+        if let Some(w) = refused {
+            return w.complete(Err(SendError::NotSent));
+        }
+        let header = RequestHeader { id, request };
+        let direct = if self.tx.capacity() == WRITE_QUEUE { self.writer.try_lock().ok() } else { None };
+        match direct {
+            Some(mut writer) => {
+                if self.is_dead() {
+                    // Killed after the insert above: `kill` has called (or will call) `done`.
+                    return;
+                }
+                if let Err(e) = self.write_now(&mut writer, &header, &data).await {
+                    tracing::warn!(epoch = self.epoch, error = %e, "write failed; dropping the connection");
+                    self.kill();
+                }
+            }
+            None => {
+                if self.tx.try_send((header, data)).is_err() {
+                    if let Some(w) = self.take(id) {
+                        w.complete(Err(SendError::NotSent));
+                    }
+                }
+            }
+        }
+    }
+
+    /// The waiter for `id`, if it still waits (`None` once answered or woken by `kill`).
+    fn take(&self, id: RequestId) -> Option<Waiter> {
+        lock(&self.pending).as_mut().and_then(|m| m.remove(&id))
+    }
+
+    /// Fails the detached requests past their deadline with `TimedOut`.
+    fn sweep(&self) {
+        let now = Instant::now();
+        let expired: Vec<Waiter> = match lock(&self.pending).as_mut() {
+            Some(map) => {
+                let ids: Vec<RequestId> = map
+                    .iter()
+                    .filter(|(_, w)| matches!(w, Waiter::Call(_, deadline) if *deadline <= now))
+                    .map(|(id, _)| *id)
+                    .collect();
+                ids.iter().filter_map(|id| map.remove(id)).collect()
+            }
+            None => Vec::new(),
+        };
+        for w in expired {
+            w.complete(Err(SendError::TimedOut));
+        }
+    }
+
     /// Writes and flushes one frame from the caller's task. A caller dropped in the middle (its
     /// future cancelled) would leave half a frame on the stream: the guard kills the connection
     /// then, so that no later frame is read as the rest of it.
@@ -216,9 +320,7 @@ impl Conn {
     }
 
     fn forget(&self, id: RequestId) {
-        if let Some(map) = lock(&self.pending).as_mut() {
-            map.remove(&id);
-        }
+        drop(self.take(id));
     }
 
     fn idle_for(&self) -> Duration {
@@ -228,10 +330,16 @@ impl Conn {
 
 /// Completes the oneshots with the answers as they arrive, in any order.
 async fn read_loop(conn: Arc<Conn>, mut reader: Reader) {
+    let mut sweep = tokio::time::interval_at(Instant::now() + SWEEP_EVERY, SWEEP_EVERY);
+    sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let next = tokio::select! {
             _ = conn.dead.cancelled() => break,
             next = reader.next() => next,
+            _ = sweep.tick() => {
+                conn.sweep();
+                continue;
+            }
         };
         let frame = match next {
             Some(Ok(frame)) => frame,
@@ -259,10 +367,8 @@ async fn read_loop(conn: Arc<Conn>, mut reader: Reader) {
             }
             continue;
         }
-        let waiter = lock(&conn.pending).as_mut().and_then(|m| m.remove(&header.id));
-        match waiter {
-            // The caller may have given up (dropped its future): nothing to do then.
-            Some(w) => drop(w.send((header.result, frame.data))),
+        match conn.take(header.id) {
+            Some(w) => w.complete(Ok((header.result, frame.data))),
             None => tracing::debug!(id = header.id.0, "answer to a request no one waits for"),
         }
     }

@@ -1,33 +1,38 @@
-//! Small reads answered on the FUSE thread that received them, one thread hop less each way.
+//! Small reads sent by the FUSE thread that received them and answered by the connection's
+//! reader: no thread hop but the network's.
 //!
 //! A 4 KiB random read (`fio` psync, queue depth 1) waits for one round trip, and a spawned task
 //! adds two wake-ups of another thread to it: FUSE thread -> tokio worker for the request, and
-//! the worker that got the answer -> the task's worker for the reply. Here the FUSE thread drives
-//! the read itself (`Handle::block_on`): it writes the request frame (the connection's writer is
-//! usually idle, see `client/mux.rs`), the reader task wakes this thread with the answer, and
-//! this thread replies to the kernel.
+//! the worker that got the answer -> the task's worker for the reply; a FUSE thread waiting for
+//! the answer itself still costs the second. Here the FUSE thread writes the request frame
+//! (`Handle::block_on`; the connection's writer is usually idle, see `client/mux.rs`) and goes
+//! back to the kernel; the reader task that receives the answer writes the reply to the kernel
+//! itself (`Client::read_detached`). A read that cannot go out at once that way (no connection,
+//! a handle to reopen, a full pipeline) and one whose connection dies go the usual way on a task,
+//! so the retries, timeouts and errors (EIO, never a short read) are the usual ones.
 //!
-//! Only when it cannot hold the FUSE threads up for long: a small read ([`INLINE_READ_MAX`]),
-//! no write queued on the inode (the read would have to wait for it), the connection up (no wait
-//! for a reconnect), and at most [`INLINE_READERS`] FUSE threads at a time in here, so others stay
-//! free for the rest of the kernel's requests. Everything else takes the usual spawned path.
+//! Only small reads ([`INLINE_READ_MAX`]), with no write queued on the inode (the read would
+//! have to wait for it), and at most [`INLINE_READERS`] FUSE threads at a time in here (writing a
+//! frame can wait for room in the socket), so others stay free for the rest of the kernel's
+//! requests. Everything else takes the usual spawned path.
 
 use fuser::ReplyData;
+use homefs_shared::Fh;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use tokio::runtime::Handle;
 
-use super::ops::Remote;
+use super::ops::{errno, Remote};
 
 /// The largest read answered inline: past it, the transfer, not the hops, is the cost, and
 /// large reads come from readahead, many at once, where the runtime's concurrency helps.
 pub const INLINE_READ_MAX: u32 = 64 << 10;
-/// FUSE threads that may wait in an inline read at once (of `session::FUSE_THREADS`).
+/// FUSE threads that may be sending an inline read at once (of `session::FUSE_THREADS`).
 pub const INLINE_READERS: usize = 2;
 
 static INLINE_NOW: AtomicUsize = AtomicUsize::new(0);
 
-/// Holds one of the [`INLINE_READERS`] places while a read runs inline.
+/// Holds one of the [`INLINE_READERS`] places while a read is sent inline.
 struct Place;
 
 impl Place {
@@ -45,8 +50,9 @@ impl Drop for Place {
     }
 }
 
-/// Answers the READ here when it qualifies (see the module doc) and returns `None`; otherwise
-/// gives the reply back for the spawned path. Call from a FUSE callback only (never from a
+/// Sends the READ from here when it qualifies (see the module doc) and returns `None`: the reply
+/// is then answered by whoever gets the answer. Otherwise gives the reply back for the spawned
+/// path. Call from a FUSE callback only (never from a
 /// runtime thread: `block_on` would panic there).
 ///
 /// The one-line call at the top of `HomeFs::read`:
@@ -69,9 +75,10 @@ pub fn inline(
     if Handle::try_current().is_ok() {
         return Some(reply);
     }
-    match rt.block_on(remote.read(fh, offset, size)) {
-        Ok(data) => reply.data(&data),
-        Err(e) => reply.error(e),
-    }
+    let done = Box::new(move |answer: Result<(bytes::Bytes, u64), homefs_shared::WireError>| match answer {
+        Ok((data, _size)) => reply.data(&data),
+        Err(e) => reply.error(errno(&e)),
+    });
+    rt.block_on(remote.client.read_detached(Fh(fh), offset, size, done));
     None
 }
