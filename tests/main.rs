@@ -18,3 +18,4 @@ mod netcp_resume;
 mod netcp_shell;
 mod ops;
 mod quota;
+mod review5;

@@ -6,25 +6,9 @@ use homefs_tests::mount::{delta, fuse_available, mounted_alice, LoggedMount, Tes
 use homefs_tests::TestServer;
 use std::fs;
 
-/// Common Python prelude: `H` the user's home on the server, `rd(p)` its bytes there, `until`
-/// waits (bounded) for a condition and fails naming it.
-const PRELUDE: &str = "import os, sys, errno, mmap, stat, subprocess, time\n\
-H = sys.argv[1]\n\
-W = os.O_CREAT | os.O_WRONLY\n\
-def srv(p):\n    return os.path.join(H, p)\n\
-def rd(p):\n    with open(srv(p), 'rb') as f:\n        return f.read()\n\
-def here(p):\n    with open(p, 'rb') as f:\n        return f.read()\n\
-def sh(c):\n    return subprocess.run(c, shell=True, check=True, capture_output=True, text=True).stdout\n\
-def until(what, cond, secs=10):\n    end = time.time() + secs\n    while not cond():\n        \
-if time.time() > end:\n            raise AssertionError('waited 10 s for: ' + what)\n        time.sleep(0.02)\n";
-
-/// Runs `body` (after [`PRELUDE`]) with python3 in the mount's root; returns its stdout.
+/// Runs `body` after the tests' python prelude (`support::mount::PY_PRELUDE`) in alice's mount.
 fn python(server: &TestServer, m: &TestMount, body: &str) -> String {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let path = dir.path().join("review.py");
-    fs::write(&path, format!("{PRELUDE}{body}")).expect("write the script");
-    let home = server.home_path("alice");
-    m.sh_ok(&format!("python3 {} {}", path.display(), home.display()))
+    homefs_tests::mount::python(server, m, "alice", body)
 }
 
 #[test]

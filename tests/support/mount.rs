@@ -458,3 +458,30 @@ fn stdout_of_success(script: &str, out: std::process::Output) -> String {
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
+
+/// The prelude of the python scripts that tests run in a mount: `H` the user's home on the
+/// server (argv[1]), `W` the flags of a new file, `srv(p)` a path there, `rd(p)` / `here(p)` the
+/// bytes of a file there / here, `sh(c)` a shell command's output, `until` waits (bounded) for a
+/// condition and fails naming it.
+pub const PY_PRELUDE: &str = "import os, sys, errno, mmap, signal, stat, subprocess, tempfile, time\n\
+H = sys.argv[1]\n\
+W = os.O_CREAT | os.O_WRONLY\n\
+def srv(p):\n    return os.path.join(H, p)\n\
+def rd(p):\n    with open(srv(p), 'rb') as f:\n        return f.read()\n\
+def here(p):\n    with open(p, 'rb') as f:\n        return f.read()\n\
+def sh(c):\n    return subprocess.run(c, shell=True, check=True, capture_output=True, text=True).stdout\n\
+def until(what, cond, secs=10):\n    end = time.time() + secs\n    while not cond():\n        \
+if time.time() > end:\n            raise AssertionError('waited 10 s for: ' + what)\n        time.sleep(0.02)\n";
+
+/// Runs `body` (after [`PY_PRELUDE`]) with python3 in the mount's root, with `user`'s home on
+/// the server as its argument; returns its stdout.
+///
+/// # Panics
+/// When the script fails.
+pub fn python(server: &TestServer, m: &TestMount, user: &str, body: &str) -> String {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("test.py");
+    std::fs::write(&path, format!("{PY_PRELUDE}{body}")).expect("write the script");
+    let home = server.home_path(user);
+    m.sh_ok(&format!("python3 {} {}", path.display(), home.display()))
+}

@@ -81,11 +81,16 @@ impl Homes {
         Ok(Arc::clone(home))
     }
 
-    /// Applies a quota from a reloaded users file to an open home (no-op if not open).
+    /// Applies a quota from a reloaded users file to an open home (no-op if not open). A new
+    /// limit is announced to the user's subscribed sessions as a change of the home (mounts keep
+    /// their usage figures until a change notice says they moved).
     pub fn set_quota(&self, user: &str, quota_bytes: u64) {
         let open = self.open.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(home) = open.get(user).and_then(|cell| cell.get()) {
-            home.quota.set_limit(quota_bytes);
+            if home.quota.limit() != quota_bytes {
+                home.quota.set_limit(quota_bytes);
+                home.notices.publish(notices::NO_SESSION, &[homefs_shared::WirePath::root()]);
+            }
         }
     }
 

@@ -82,6 +82,10 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
+/// The `from` of a change no session made (an administrator's, such as a new quota): every
+/// subscribed session hears of it. Session ids count up from 1 and never reach it.
+pub const NO_SESSION: u64 = u64::MAX;
+
 impl NoticeHub {
     /// Whether any session of the user is subscribed: when not, callers skip building notices.
     pub fn is_watched(&self) -> bool {

@@ -336,12 +336,14 @@ impl Creates {
     }
 }
 
-/// Whether process `pid` still holds `path` (as this mount spells it) on a descriptor: the one
-/// being closed has left its table already. From `/proc/PID/fd`, whose links the kernel answers
-/// from its dentries without asking this file system; the link ends with the path inside the
-/// mount (a pending file has one name only: what would add or change one stores it first).
-/// Unknown (pid 0, no `/proc`, a process gone, past [`PROC_WAIT`]): false, and the file is stored.
-async fn still_held(pid: u32, path: &WirePath) -> bool {
+/// Whether process `pid` still holds the pending file `ino` at `path` (as this mount spells it)
+/// on a descriptor: the one being closed has left its table already. From `/proc/PID/fd` and
+/// `/proc/PID/fdinfo`, which the kernel answers from its own tables without asking this file
+/// system: a link that ends with the path inside the mount (a pending file has one name only:
+/// what would add or change one stores it first), whose `ino:` is the file's (not a file of the
+/// same name elsewhere; a kernel without that line: the name decides). Unknown (pid 0, no `/proc`,
+/// a process gone, past [`PROC_WAIT`]): false, and the file is stored.
+async fn still_held(pid: u32, ino: u64, path: &WirePath) -> bool {
     if pid == 0 {
         return false;
     }
@@ -349,9 +351,18 @@ async fn still_held(pid: u32, path: &WirePath) -> bool {
     suffix.extend_from_slice(path.as_bytes());
     let look = tokio::task::spawn_blocking(move || {
         let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else { return false };
-        fds.flatten().any(|fd| std::fs::read_link(fd.path()).is_ok_and(|t| t.as_os_str().as_bytes().ends_with(&suffix)))
+        fds.flatten().any(|fd| {
+            let named = std::fs::read_link(fd.path()).is_ok_and(|t| t.as_os_str().as_bytes().ends_with(&suffix));
+            named && fdinfo_ino(pid, &fd.file_name()).is_none_or(|n| n == ino)
+        })
     });
     matches!(tokio::time::timeout(PROC_WAIT, look).await, Ok(Ok(true)))
+}
+
+/// The `ino:` of descriptor `fd` of process `pid`, from `/proc/PID/fdinfo/FD`.
+fn fdinfo_ino(pid: u32, fd: &std::ffi::OsStr) -> Option<u64> {
+    let info = std::fs::read_to_string(format!("/proc/{pid}/fdinfo/{}", fd.to_string_lossy())).ok()?;
+    info.lines().find_map(|l| l.strip_prefix("ino:")).and_then(|n| n.trim().parse().ok())
 }
 
 /// Waits (bounded) for the file's state.
@@ -645,7 +656,7 @@ impl Remote {
         // file is on the server when the shell returns). `O_EXCL` callers want to know at their
         // first close, so theirs is stored at once.
         if let State::Buffered(p) = &*s {
-            if p.untouched() && c.flags & libc::O_EXCL == 0 && still_held(pid, &p.path).await {
+            if p.untouched() && c.flags & libc::O_EXCL == 0 && still_held(pid, c.ino, &p.path).await {
                 return Ok(());
             }
         }

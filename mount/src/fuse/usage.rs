@@ -1,10 +1,12 @@
 //! Usage figures (`statfs`: `df`, and GNU find's one `fstatfs` per walk) answered from the last
 //! `StatFs` answer while nothing can have moved them, so a quiet mount answers with no round trip.
 //!
-//! - **Fresh**: the last answer was asked after every change this mount knows of, and is younger
-//!   than the cache TTL (60 s with change notices, as for metadata: the bound on what no notice
-//!   reports, such as a quota set by `fsd user quota` or another user filling the disk; zero
-//!   TTL: every `statfs` asks). A stale one is never answered: the `statfs` asks, as before.
+//! - **Fresh**: the last answer was asked after every change this mount knows of, on the
+//!   connection that is up now (a server restart or an outage may have moved anything), and is
+//!   younger than the cache TTL (60 s with change notices, as for metadata: the bound on what no
+//!   notice reports, such as another user filling the disk or files changed on the server's disk;
+//!   a new quota set with `fsd user quota` is announced; zero TTL: every `statfs` asks). A stale
+//!   one is never answered: the `statfs` asks, as before.
 //! - **Stale**: every change that can move usage bumps a generation once it is visible to the
 //!   server (or queued for it): this mount's writes, creates, stores of files created behind,
 //!   truncates, unlinks, rmdirs, renames, links, copies, the close of a file unlinked while open
@@ -43,6 +45,9 @@ struct Known {
     figures: StatFs,
     /// The generation read before asking: fresh while it is still the current one.
     generation: u64,
+    /// The connection it was asked on (the client's reconnect count): a server restart or an
+    /// outage may have moved anything, and no notice covers the time between.
+    connection: u64,
     asked: Instant,
 }
 
@@ -121,11 +126,13 @@ impl Usage {
         self.changed();
     }
 
-    /// The figures, if fresh for `max_age`.
-    pub fn fresh(&self, max_age: Duration) -> Option<StatFs> {
+    /// The figures, if fresh for `max_age` on `connection` (`None`: no connection now, so
+    /// nothing is fresh).
+    pub fn fresh(&self, max_age: Duration, connection: Option<u64>) -> Option<StatFs> {
         let known = (*lock(&self.last))?;
         let current = known.generation == self.generation.load(Ordering::Acquire);
-        (current && known.asked.elapsed() < max_age).then_some(known.figures)
+        let same_connection = connection == Some(known.connection);
+        (current && same_connection && known.asked.elapsed() < max_age).then_some(known.figures)
     }
 
     /// From now on, changes are refreshed behind (the first `statfs` calls this).
@@ -141,10 +148,10 @@ impl Usage {
     }
 
     /// Keeps an answer asked at `generation`, unless a newer one is kept already.
-    fn remember(&self, figures: StatFs, generation: u64, asked: Instant) {
+    fn remember(&self, figures: StatFs, generation: u64, connection: u64, asked: Instant) {
         let mut last = lock(&self.last);
         if last.is_none_or(|k| k.generation <= generation) {
-            *last = Some(Known { figures, generation, asked });
+            *last = Some(Known { figures, generation, connection, asked });
         }
     }
 }
@@ -165,7 +172,7 @@ async fn refresh_when_settled(remote: Weak<Remote>) {
     let Some(r) = remote.upgrade() else { return };
     // A change from here on schedules the next refresh.
     r.usage.scheduled.store(false, Ordering::Release);
-    if r.usage.fresh(r.cache.ttl()).is_none() {
+    if r.usage_cached().is_none() {
         if let Err(e) = r.ask_usage().await {
             tracing::debug!(error = ?e, "background usage refresh failed");
         }
@@ -173,9 +180,15 @@ async fn refresh_when_settled(remote: Weak<Remote>) {
 }
 
 impl Remote {
-    /// `statfs` answered on the caller's thread, when the figures are fresh.
+    /// `statfs` answered on the caller's thread, when the figures are fresh (asked on the connection
+    /// that is up now).
     pub fn usage_cached(&self) -> Option<StatFs> {
-        self.usage.fresh(self.cache.ttl())
+        self.usage.fresh(self.cache.ttl(), self.connection())
+    }
+
+    /// The current connection (the client's reconnect count), if one is up.
+    fn connection(&self) -> Option<u64> {
+        self.client.is_connected().then(|| self.client.reconnects())
     }
 
     /// `statfs`: the fresh figures, else asked (after the writes and unlinks they must show).
@@ -195,6 +208,7 @@ impl Remote {
             return Ok(figures);
         }
         let generation = usage.generation.load(Ordering::Acquire);
+        let connection = self.client.reconnects();
         let written = std::mem::take(&mut *lock(&usage.written));
         for ino in written.inos {
             self.writes.settle(ino).await;
@@ -204,7 +218,7 @@ impl Remote {
         let asked = Instant::now();
         let figures = self.client.statfs().await.map_err(|e| errno(&e))?;
         if !written.overflow {
-            usage.remember(figures, generation, asked);
+            usage.remember(figures, generation, connection, asked);
         }
         Ok(figures)
     }
@@ -221,18 +235,20 @@ mod tests {
     #[test]
     fn an_answer_is_fresh_until_a_change_or_its_age() {
         let u = Usage::default();
-        assert!(u.fresh(Duration::from_secs(60)).is_none(), "nothing asked yet");
+        assert!(u.fresh(Duration::from_secs(60), Some(0)).is_none(), "nothing asked yet");
         let g = u.generation.load(Ordering::Acquire);
-        u.remember(figures(1), g, Instant::now());
-        assert_eq!(u.fresh(Duration::from_secs(60)).map(|f| f.used_bytes), Some(1));
-        assert!(u.fresh(Duration::ZERO).is_none(), "older than a zero TTL");
+        u.remember(figures(1), g, 0, Instant::now());
+        assert_eq!(u.fresh(Duration::from_secs(60), Some(0)).map(|f| f.used_bytes), Some(1));
+        assert!(u.fresh(Duration::from_secs(60), Some(1)).is_none(), "asked on another connection");
+        assert!(u.fresh(Duration::from_secs(60), None).is_none(), "no connection now");
+        assert!(u.fresh(Duration::ZERO, Some(0)).is_none(), "older than a zero TTL");
         u.changed();
-        assert!(u.fresh(Duration::from_secs(60)).is_none(), "a change since the ask");
+        assert!(u.fresh(Duration::from_secs(60), Some(0)).is_none(), "a change since the ask");
         // An answer asked before the change is not fresh, and does not replace a newer one.
         let g2 = u.generation.load(Ordering::Acquire);
-        u.remember(figures(2), g2, Instant::now());
-        u.remember(figures(3), g, Instant::now());
-        assert_eq!(u.fresh(Duration::from_secs(60)).map(|f| f.used_bytes), Some(2));
+        u.remember(figures(2), g2, 0, Instant::now());
+        u.remember(figures(3), g, 0, Instant::now());
+        assert_eq!(u.fresh(Duration::from_secs(60), Some(0)).map(|f| f.used_bytes), Some(2));
     }
 
     #[test]
