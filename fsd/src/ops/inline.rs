@@ -15,6 +15,10 @@
 //! truncations, fsyncs, checksums and batches stay on the pool (small writes and listings inline were measured too: dbench and
 //! `rm -rf` of a tree were not measurably faster, and a write can wait for dirty-page throttling).
 //!
+//! An unlink, a rename over a file, a non-exclusive put over one and a close of a file unlinked
+//! while open free the old file's blocks in the syscall: when that file is large
+//! ([`INLINE_FREE_MAX_BYTES`]) they take the pool too.
+//!
 //! The price: such an operation can still wait for the disk (a directory block or inode table
 //! not cached, a full journal), and a runtime thread that waits serves no one else meanwhile.
 //! So at most `workers - 1` requests run inline at any moment, server-wide ([`Slot`]); the rest
@@ -23,6 +27,9 @@
 //! timing out every connection; what is given up is at most the parallelism of the others.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
+
+use homefs_shared::WirePath;
+use rustix::fs::{FileType, Stat};
 
 use super::OpError;
 use crate::home::Jail;
@@ -33,6 +40,25 @@ static IN_USE: AtomicUsize = AtomicUsize::new(0);
 /// The most bytes of file data a `PutFile` may carry to run inline: a small file's write goes to
 /// the page cache; a larger one is more likely to wait for writeback.
 pub const MAX_INLINE_PUT_BYTES: usize = 64 * 1024;
+
+/// Removing a file's last link, or closing the last descriptor of one already unlinked, frees its
+/// blocks inside that syscall: for a large file milliseconds (tens of them for GiBs on ext4). Such
+/// a request takes the pool, as a truncation does, when the file holds more than this.
+pub const INLINE_FREE_MAX_BYTES: u64 = 16 << 20;
+
+/// Whether dropping the last link of (or the last descriptor to) the file `st` describes would free
+/// more than [`INLINE_FREE_MAX_BYTES`] of blocks: a regular file with at most one link, that large.
+pub fn frees_much(st: &Stat) -> bool {
+    FileType::from_raw_mode(st.st_mode) == FileType::RegularFile
+        && st.st_nlink <= 1
+        && (st.st_blocks as u64).saturating_mul(512) > INLINE_FREE_MAX_BYTES
+}
+
+/// Whether removing or replacing `path` (no last symlink followed) may free much ([`frees_much`]);
+/// unknown (no such name, an error): no, the operation itself will answer.
+pub fn removal_frees_much(jail: &Jail, path: &WirePath) -> bool {
+    super::meta::lstat(jail, path).is_ok_and(|st| frees_much(&st))
+}
 
 /// The right to run one request on the current runtime thread; given back on drop (also when the
 /// operation panics: the session answers that as an internal error).
@@ -80,6 +106,23 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn large_files_are_freed_on_the_pool() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let stat = |name: &str| rustix::fs::stat(dir.path().join(name)).expect("stat");
+        std::fs::write(dir.path().join("small"), vec![1u8; 64 << 10]).expect("small");
+        std::fs::write(dir.path().join("large"), vec![1u8; (INLINE_FREE_MAX_BYTES + (1 << 20)) as usize])
+            .expect("large");
+        let sparse = std::fs::File::create(dir.path().join("sparse")).expect("sparse");
+        sparse.set_len(1 << 30).expect("set_len");
+        assert!(!frees_much(&stat("small")));
+        assert!(frees_much(&stat("large")));
+        assert!(!frees_much(&stat("sparse")), "a sparse file frees only the blocks it has");
+        std::fs::hard_link(dir.path().join("large"), dir.path().join("large2")).expect("link");
+        assert!(!frees_much(&stat("large")), "another link keeps the blocks");
+        assert!(!frees_much(&stat(".")), "not a regular file");
+    }
 
     #[test]
     fn nothing_runs_inline_outside_a_multi_thread_runtime() {

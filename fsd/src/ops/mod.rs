@@ -166,11 +166,23 @@ impl AuthedSession {
                 Response::Done
             }
             Request::Unlink { path } => {
-                run_short(jail, move |j| link::unlink(j, &quota, &path)).await?;
+                let large = inline::removal_frees_much(jail, &path);
+                let unlink = move |j: &Jail| link::unlink(j, &quota, &path);
+                if large {
+                    jail.run(unlink).await?
+                } else {
+                    run_short(jail, unlink).await?
+                }
                 Response::Done
             }
             Request::Rename { from, to, flags } => {
-                run_short(jail, move |j| link::rename(j, &quota, &from, &to, flags)).await?;
+                let large = !flags.exchange && !flags.noreplace && inline::removal_frees_much(jail, &to);
+                let rename = move |j: &Jail| link::rename(j, &quota, &from, &to, flags);
+                if large {
+                    jail.run(rename).await?
+                } else {
+                    run_short(jail, rename).await?
+                }
                 Response::Done
             }
             Request::Symlink { target, path } => {
@@ -213,12 +225,18 @@ impl AuthedSession {
                 let h = self.handles.remove(fh).ok_or(ErrorCode::BadHandle)?;
                 self.locks.release_flock(h.file, self.id, fh.0);
                 // The last reference closes the fd; close(2) may block (e.g. on network storage,
-                // or freeing a file unlinked while open): inline only within the slot's bound.
-                run_short(jail, move |_| {
+                // or freeing a file unlinked while open): inline only within the slot's bound, and
+                // a large unlinked file is freed on the pool.
+                let large = rustix::fs::fstat(&h.fd).is_ok_and(|st| st.st_nlink == 0 && inline::frees_much(&st));
+                let close = move |_: &Jail| {
                     drop(h);
                     Ok(())
-                })
-                .await?;
+                };
+                if large {
+                    jail.run(close).await?
+                } else {
+                    run_short(jail, close).await?
+                }
                 Response::Done
             }
             Request::SetAttr { path, fh, set } => {
@@ -255,7 +273,8 @@ impl AuthedSession {
             // Handled by the session layer (it owns the connection's notice stream).
             Request::Subscribe => return Err(ErrorCode::Protocol.into()),
             Request::PutFile { path, mode, mtime, exclusive } => {
-                let small = data.len() <= inline::MAX_INLINE_PUT_BYTES;
+                let small = data.len() <= inline::MAX_INLINE_PUT_BYTES
+                    && (exclusive || !inline::removal_frees_much(jail, &path));
                 let put = move |j: &Jail| whole::put_file(j, &quota, &path, mode, mtime, exclusive, &data);
                 let (hash, attr) = if small { run_short(jail, put).await? } else { jail.run(put).await? };
                 Response::Stored { hash, attr }
