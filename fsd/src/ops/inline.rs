@@ -28,7 +28,7 @@
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use homefs_shared::WirePath;
+use homefs_shared::{ErrorCode, WirePath};
 use rustix::fs::{FileType, Stat};
 
 use super::OpError;
@@ -52,6 +52,43 @@ pub fn frees_much(st: &Stat) -> bool {
     FileType::from_raw_mode(st.st_mode) == FileType::RegularFile
         && st.st_nlink <= 1
         && (st.st_blocks as u64).saturating_mul(512) > INLINE_FREE_MAX_BYTES
+}
+
+/// Where a request that may free a file's blocks runs ([`run_short_freeing`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Place {
+    /// On the runtime thread: declines to free much.
+    Inline,
+    /// On the blocking pool: frees anything.
+    Pool,
+}
+
+impl Place {
+    /// Whether an operation here should leave the file `st` describes alone (answering `None`,
+    /// having changed nothing) because freeing it would take long ([`frees_much`]).
+    pub fn declines(self, st: &Stat) -> bool {
+        self == Place::Inline && frees_much(st)
+    }
+}
+
+/// Runs `work` inline when a slot is free, where it may decline (answer `None` having changed
+/// nothing: it found it would free a large file, [`Place::declines`]); declined, or with no slot
+/// free, on the blocking pool, where it does not decline. The operation looks at what it removes
+/// anyway, so the check costs nothing on the common path.
+///
+/// # Errors
+/// Whatever `work` returns (`EIO` when it panicked on the pool, or declined there).
+pub async fn run_short_freeing<T, F>(jail: &Jail, work: F) -> Result<T, OpError>
+where
+    F: Fn(&Jail, Place) -> Result<Option<T>, OpError> + Send + 'static,
+    T: Send + 'static,
+{
+    if let Some(_slot) = Slot::try_take() {
+        if let Some(done) = work(jail, Place::Inline)? {
+            return Ok(done);
+        }
+    }
+    jail.run(move |j| work(j, Place::Pool)?.ok_or_else(|| ErrorCode::Io.into())).await
 }
 
 /// Whether removing or replacing `path` (no last symlink followed) may free much ([`frees_much`]);
@@ -122,6 +159,38 @@ mod tests {
         std::fs::hard_link(dir.path().join("large"), dir.path().join("large2")).expect("link");
         assert!(!frees_much(&stat("large")), "another link keeps the blocks");
         assert!(!frees_much(&stat(".")), "not a regular file");
+    }
+
+    /// An unlink of a large file declines inline (the file stays, nothing is released) and is
+    /// done on the pool; a small one is done inline.
+    #[test]
+    fn a_large_unlink_is_declined_inline_and_done_on_the_pool() {
+        use crate::home::{LocalLedger, QuotaLedger};
+        use rustix::fs::{Mode, OFlags};
+        use std::sync::Arc;
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let fd = rustix::fs::open(tmp.path(), OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())
+            .expect("open home");
+        let jail = Jail::new(fd);
+        let large = (INLINE_FREE_MAX_BYTES + (1 << 20)) as usize;
+        std::fs::write(tmp.path().join("large"), vec![1u8; large]).expect("large");
+        std::fs::write(tmp.path().join("small"), b"abc").expect("small");
+        let quota: Arc<dyn QuotaLedger> = Arc::new(LocalLedger::new(1 << 30, large as u64 + 3));
+        let path = |n: &str| WirePath::new(n.as_bytes().to_vec()).expect("valid path");
+        let declined = super::super::link::unlink(&jail, &quota, &path("large"), Place::Inline).expect("unlink");
+        assert!(declined.is_none() && tmp.path().join("large").exists(), "declined, the file left alone");
+        assert_eq!(quota.used(), large as u64 + 3, "nothing released");
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).build().expect("runtime");
+        rt.block_on(async {
+            for name in ["large", "small"] {
+                let (q, p) = (quota.clone(), path(name));
+                run_short_freeing(&jail, move |j, place| super::super::link::unlink(j, &q, &p, place))
+                    .await
+                    .expect("unlinked");
+            }
+        });
+        assert!(!tmp.path().join("large").exists() && !tmp.path().join("small").exists());
+        assert_eq!(quota.used(), 0, "both released");
     }
 
     #[test]

@@ -8,6 +8,7 @@ use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::sync::Arc;
 
+use super::inline::Place;
 use super::meta::attr_of;
 use super::sizing::size_of;
 use super::OpError;
@@ -24,23 +25,29 @@ fn freed_by_removing(st: &Stat) -> u64 {
 }
 
 /// Unlink: removes a name that is not a directory; frees the file's size if it was the last link.
-pub fn unlink(jail: &Jail, quota: &Arc<dyn QuotaLedger>, path: &WirePath) -> Result<(), OpError> {
+/// `None` (nothing done) when `place` declines to free what it would ([`Place::declines`]).
+pub fn unlink(jail: &Jail, quota: &Arc<dyn QuotaLedger>, path: &WirePath, place: Place) -> Result<Option<()>, OpError> {
     let (dir, name) = jail.parent(path)?;
     let _sizing = quota.size_lock();
     let st = rustix::fs::statat(&dir, name, AtFlags::SYMLINK_NOFOLLOW)?;
+    if place.declines(&st) {
+        return Ok(None);
+    }
     rustix::fs::unlinkat(&dir, name, AtFlags::empty())?;
     quota.release(freed_by_removing(&st));
-    Ok(())
+    Ok(Some(()))
 }
 
-/// Rename (`renameat2`): a file replaced at `to` is freed if that was its last link.
+/// Rename (`renameat2`): a file replaced at `to` is freed if that was its last link. `None`
+/// (nothing done) when `place` declines to free what it would replace ([`Place::declines`]).
 pub fn rename(
     jail: &Jail,
     quota: &Arc<dyn QuotaLedger>,
     from: &WirePath,
     to: &WirePath,
     flags: RenameFlags,
-) -> Result<(), OpError> {
+    place: Place,
+) -> Result<Option<()>, OpError> {
     let (from_dir, from_name) = jail.parent(from)?;
     let (to_dir, to_name) = jail.parent(to)?;
     let mut how = rustix::fs::RenameFlags::empty();
@@ -54,6 +61,9 @@ pub fn rename(
     // What a plain rename replaces (an exchange keeps both, a no-replace one replaces nothing).
     let replaced =
         if how.is_empty() { rustix::fs::statat(&to_dir, to_name, AtFlags::SYMLINK_NOFOLLOW).ok() } else { None };
+    if replaced.as_ref().is_some_and(|old| place.declines(old)) {
+        return Ok(None);
+    }
     let source = rustix::fs::statat(&from_dir, from_name, AtFlags::SYMLINK_NOFOLLOW)?;
     rustix::fs::renameat_with(&from_dir, from_name, &to_dir, to_name, how)?;
     if let Some(old) = replaced {
@@ -62,7 +72,7 @@ pub fn rename(
             quota.release(freed_by_removing(&old));
         }
     }
-    Ok(())
+    Ok(Some(()))
 }
 
 /// Symlink: stores `target` as given (it is only ever followed inside the jail). Its size, the

@@ -166,23 +166,12 @@ impl AuthedSession {
                 Response::Done
             }
             Request::Unlink { path } => {
-                let large = inline::removal_frees_much(jail, &path);
-                let unlink = move |j: &Jail| link::unlink(j, &quota, &path);
-                if large {
-                    jail.run(unlink).await?
-                } else {
-                    run_short(jail, unlink).await?
-                }
+                inline::run_short_freeing(jail, move |j, place| link::unlink(j, &quota, &path, place)).await?;
                 Response::Done
             }
             Request::Rename { from, to, flags } => {
-                let large = !flags.exchange && !flags.noreplace && inline::removal_frees_much(jail, &to);
-                let rename = move |j: &Jail| link::rename(j, &quota, &from, &to, flags);
-                if large {
-                    jail.run(rename).await?
-                } else {
-                    run_short(jail, rename).await?
-                }
+                let rename = move |j: &Jail, place| link::rename(j, &quota, &from, &to, flags, place);
+                inline::run_short_freeing(jail, rename).await?;
                 Response::Done
             }
             Request::Symlink { target, path } => {
