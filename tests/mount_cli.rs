@@ -2,8 +2,8 @@
 //! mounted; `-u`, SIGTERM and a killed daemon all leave no mount behind; `-o ro`.
 
 use homefs_tests::mount::{
-    daemon_pid, fuse_available, is_mounted, netmount_command, output_within, wait_until, TestMount, MOUNT_TIMEOUT,
-    PASSWORD,
+    daemon_pid, fuse_available, is_mounted, netmount_command, output_within, poll_until, wait_until, TestMount,
+    MOUNT_TIMEOUT, PASSWORD,
 };
 use homefs_tests::{binary, TestServer};
 use std::path::Path;
@@ -91,15 +91,8 @@ fn mount_unmount_by_flag_signal_and_crash() {
     assert!(Command::new("kill").arg("-KILL").arg(pid.to_string()).status().unwrap().success());
     // fusermount3 (auto_unmount) unmounts once the daemon's end of its socket closes. Under a
     // loaded full suite this once took longer than 15 s; the failure says who was still there.
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    while is_mounted(&m.path) {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the killed daemon's mount still there after 60 s: {}",
-            who_holds(&m.path, pid)
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let gone = poll_until(Duration::from_secs(60), || !is_mounted(&m.path));
+    assert!(gone, "the killed daemon's mount still there after 60 s: {}", who_holds(&m.path, pid));
     assert!(std::fs::read_dir(&m.path).is_ok(), "the mountpoint is an ordinary directory again");
 }
 

@@ -216,16 +216,26 @@ pub fn is_mounted(path: &Path) -> bool {
     mountpoint::is_mount_point(&abs).unwrap_or(false)
 }
 
+/// Polls `cond` until it holds or `timeout` passes; whether it held.
+pub fn poll_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if cond() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// Polls `cond` until it holds.
 ///
 /// # Panics
 /// When it does not hold within `timeout`, naming what was waited for.
-pub fn wait_until(timeout: Duration, what: &str, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !cond() {
-        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+pub fn wait_until(timeout: Duration, what: &str, cond: impl FnMut() -> bool) {
+    assert!(poll_until(timeout, cond), "timed out after {timeout:?} waiting for {what}");
 }
 
 /// The password test users get.
