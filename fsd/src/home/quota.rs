@@ -9,7 +9,7 @@
 //! make the ledger drift from a fresh scan.
 
 use std::fmt;
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, TryLockError};
 
 /// Why bytes cannot be charged.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -44,6 +44,8 @@ pub trait QuotaLedger: Send + Sync {
     /// Serialises the size-changing part of operations of this user. Hold it only on a blocking
     /// thread, never across an `.await`.
     fn size_lock(&self) -> MutexGuard<'_, ()>;
+    /// [`QuotaLedger::size_lock`] if nobody holds it now; `None` otherwise (without waiting).
+    fn try_size_lock(&self) -> Option<MutexGuard<'_, ()>>;
 }
 
 /// Limit and usage of one user, kept in this process.
@@ -110,6 +112,14 @@ impl QuotaLedger for LocalLedger {
     fn size_lock(&self) -> MutexGuard<'_, ()> {
         // The guarded value is `()`: a panic under the lock leaves nothing inconsistent in it.
         self.sizing.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn try_size_lock(&self) -> Option<MutexGuard<'_, ()>> {
+        match self.sizing.try_lock() {
+            Ok(guard) => Some(guard),
+            Err(TryLockError::Poisoned(e)) => Some(e.into_inner()),
+            Err(TryLockError::WouldBlock) => None,
+        }
     }
 }
 

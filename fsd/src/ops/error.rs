@@ -18,6 +18,11 @@ pub enum OpError {
     /// A code decided by fsd itself (a bad handle, too many open files, a lock conflict).
     #[error("{0}")]
     Code(ErrorCode),
+    /// An operation running inline found the user's size lock held (by a write on the blocking
+    /// pool, which may hold it across a disk wait) and changed nothing: it is run again on the pool
+    /// ([`super::inline::size_lock`]). Never meant to reach a client; if it did, as `EIO`.
+    #[error("the user's size lock is held; to be run on the blocking pool")]
+    Busy,
 }
 
 impl From<rustix::io::Errno> for OpError {
@@ -51,6 +56,7 @@ impl OpError {
             OpError::Io(e) => ErrorCode::from(e),
             OpError::Quota(_) => ErrorCode::QuotaExceeded,
             OpError::Code(c) => *c,
+            OpError::Busy => ErrorCode::Io,
         }
     }
 }

@@ -19,6 +19,10 @@
 //! while open free the old file's blocks in the syscall: when that file is large
 //! ([`INLINE_FREE_MAX_BYTES`]) they take the pool too.
 //!
+//! An inline operation never waits for the user's size lock ([`size_lock`]): a write on the pool
+//! holds it across its disk I/O (dirty-page throttling included), so an inline unlink, rename,
+//! symlink, link or put that finds it held changes nothing and is run again on the pool.
+//!
 //! The price: such an operation can still wait for the disk (a directory block or inode table
 //! not cached, a full journal), and a runtime thread that waits serves no one else meanwhile.
 //! So at most `workers - 1` requests run inline at any moment, server-wide ([`Slot`]); the rest
@@ -26,16 +30,51 @@
 //! thread is therefore never held by a file system wait, and it keeps reading, answering and
 //! timing out every connection; what is given up is at most the parallelism of the others.
 
+use std::cell::Cell;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::MutexGuard;
 
 use homefs_shared::{ErrorCode, WirePath};
 use rustix::fs::{FileType, Stat};
 
 use super::OpError;
-use crate::home::Jail;
+use crate::home::{Jail, QuotaLedger};
 
 /// Requests running inline right now, server-wide.
 static IN_USE: AtomicUsize = AtomicUsize::new(0);
+
+thread_local! {
+    /// Whether this thread runs an operation inline right now ([`run_inline`]).
+    static INLINE: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Runs `work` on this (runtime) thread, marked as inline for [`size_lock`].
+fn run_inline<T>(work: impl FnOnce() -> T) -> T {
+    struct Unmark;
+    impl Drop for Unmark {
+        fn drop(&mut self) {
+            INLINE.with(|i| i.set(false));
+        }
+    }
+    INLINE.with(|i| i.set(true));
+    let _unmark = Unmark;
+    work()
+}
+
+/// The user's size lock ([`QuotaLedger::size_lock`]) for an operation that may run inline. On the
+/// blocking pool it waits for it. Inline it takes it only when it is free: held, it answers
+/// [`OpError::Busy`] (the operation must not have changed anything yet), and [`run_short`] /
+/// [`run_short_freeing`] run the operation again on the pool, where waiting holds no runtime thread.
+///
+/// # Errors
+/// [`OpError::Busy`] inline when the lock is held.
+pub fn size_lock(quota: &dyn QuotaLedger) -> Result<MutexGuard<'_, ()>, OpError> {
+    if INLINE.with(Cell::get) {
+        quota.try_size_lock().ok_or(OpError::Busy)
+    } else {
+        Ok(quota.size_lock())
+    }
+}
 
 /// The most bytes of file data a `PutFile` may carry to run inline: a small file's write goes to
 /// the page cache; a larger one is more likely to wait for writeback.
@@ -72,8 +111,8 @@ impl Place {
 }
 
 /// Runs `work` inline when a slot is free, where it may decline (answer `None` having changed
-/// nothing: it found it would free a large file, [`Place::declines`]); declined, or with no slot
-/// free, on the blocking pool, where it does not decline. The operation looks at what it removes
+/// nothing: it found it would free a large file, [`Place::declines`], or the size lock held,
+/// [`size_lock`]); declined, or with no slot free, on the blocking pool, where it does not decline. The operation looks at what it removes
 /// anyway, so the check costs nothing on the common path.
 ///
 /// # Errors
@@ -84,8 +123,10 @@ where
     T: Send + 'static,
 {
     if let Some(_slot) = Slot::try_take() {
-        if let Some(done) = work(jail, Place::Inline)? {
-            return Ok(done);
+        match run_inline(|| work(jail, Place::Inline)) {
+            Ok(Some(done)) => return Ok(done),
+            Ok(None) | Err(OpError::Busy) => {}
+            Err(e) => return Err(e),
         }
     }
     jail.run(move |j| work(j, Place::Pool)?.ok_or_else(|| ErrorCode::Io.into())).await
@@ -125,24 +166,44 @@ impl Drop for Slot {
 }
 
 /// Runs `work` for one short request: inline when a [`Slot`] is free, else on the blocking pool
-/// through [`Jail::run`].
+/// through [`Jail::run`]; and on the pool too when inline it found the size lock held
+/// ([`OpError::Busy`], having changed nothing: hence `FnMut`, it may run twice).
 ///
 /// # Errors
 /// Whatever `work` returns (`EIO` when it panicked on the pool).
-pub async fn run_short<T, F>(jail: &Jail, work: F) -> Result<T, OpError>
+pub async fn run_short<T, F>(jail: &Jail, mut work: F) -> Result<T, OpError>
 where
-    F: FnOnce(&Jail) -> Result<T, OpError> + Send + 'static,
+    F: FnMut(&Jail) -> Result<T, OpError> + Send + 'static,
     T: Send + 'static,
 {
-    match Slot::try_take() {
-        Some(_slot) => work(jail),
-        None => jail.run(work).await,
+    if let Some(_slot) = Slot::try_take() {
+        match run_inline(|| work(jail)) {
+            Err(OpError::Busy) => {}
+            done => return done,
+        }
     }
+    jail.run(work).await
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Slots are counted process-wide: tests that need one take turns.
+    static SLOTS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+    fn slots_to_myself() -> std::sync::MutexGuard<'static, ()> {
+        SLOTS.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// A jail on a fresh temporary directory (which lives as long as the returned guard).
+    fn temp_jail() -> (tempfile::TempDir, Jail) {
+        use rustix::fs::{Mode, OFlags};
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let fd = rustix::fs::open(tmp.path(), OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())
+            .expect("open home");
+        (tmp, Jail::new(fd))
+    }
 
     #[test]
     fn large_files_are_freed_on_the_pool() {
@@ -166,12 +227,9 @@ mod tests {
     #[test]
     fn a_large_unlink_is_declined_inline_and_done_on_the_pool() {
         use crate::home::{LocalLedger, QuotaLedger};
-        use rustix::fs::{Mode, OFlags};
         use std::sync::Arc;
-        let tmp = tempfile::tempdir().expect("tempdir");
-        let fd = rustix::fs::open(tmp.path(), OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())
-            .expect("open home");
-        let jail = Jail::new(fd);
+        let _slots = slots_to_myself();
+        let (tmp, jail) = temp_jail();
         let large = (INLINE_FREE_MAX_BYTES + (1 << 20)) as usize;
         std::fs::write(tmp.path().join("large"), vec![1u8; large]).expect("large");
         std::fs::write(tmp.path().join("small"), b"abc").expect("small");
@@ -193,6 +251,58 @@ mod tests {
         assert_eq!(quota.used(), 0, "both released");
     }
 
+    /// An inline symlink that finds the user's size lock held (a write on the pool holds it across
+    /// its disk I/O) does not wait for it on the runtime thread: it changes nothing and is run
+    /// again on the pool, which waits; the symlink is made and charged once.
+    #[test]
+    fn an_inline_operation_never_waits_for_the_size_lock() {
+        use crate::home::{LocalLedger, QuotaLedger};
+        use std::sync::{mpsc, Arc, Mutex};
+        use std::time::{Duration, Instant};
+        let _slots = slots_to_myself();
+        let (tmp, jail) = temp_jail();
+        let quota: Arc<dyn QuotaLedger> = Arc::new(LocalLedger::new(1 << 20, 0));
+        let (held_tx, held_rx) = mpsc::channel();
+        let (release_tx, release_rx) = mpsc::channel::<()>();
+        let holder = {
+            let quota = quota.clone();
+            std::thread::spawn(move || {
+                let _held = quota.size_lock();
+                held_tx.send(()).expect("held");
+                release_rx.recv_timeout(Duration::from_secs(30)).expect("told to release");
+            })
+        };
+        held_rx.recv_timeout(Duration::from_secs(30)).expect("the lock is held");
+        // Each attempt: the thread it ran on and whether it was marked inline.
+        let attempts = Arc::new(Mutex::new(Vec::new()));
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).build().expect("runtime");
+        let task = {
+            let (jail, quota, attempts) = (jail.clone(), quota.clone(), attempts.clone());
+            rt.spawn(async move {
+                let path = WirePath::new(b"l".to_vec()).expect("path");
+                run_short(&jail, move |j| {
+                    attempts.lock().expect("attempts").push((std::thread::current().id(), INLINE.with(Cell::get)));
+                    super::super::link::symlink(j, &quota, b"target", &path)
+                })
+                .await
+            })
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while attempts.lock().expect("attempts").len() < 2 {
+            assert!(Instant::now() < deadline, "no second attempt on the pool: {:?}", attempts.lock());
+            std::thread::yield_now();
+        }
+        release_tx.send(()).expect("release");
+        holder.join().expect("holder");
+        rt.block_on(task).expect("joined").expect("symlink made");
+        let attempts = attempts.lock().expect("attempts").clone();
+        assert_eq!(attempts.len(), 2, "one inline attempt, one on the pool");
+        assert!(attempts[0].1 && !attempts[1].1, "inline first, then the pool: {attempts:?}");
+        assert_ne!(attempts[0].0, attempts[1].0, "the pool attempt ran on another thread");
+        assert!(tmp.path().join("l").symlink_metadata().is_ok(), "made");
+        assert_eq!(quota.used(), 6, "charged once");
+    }
+
     #[test]
     fn nothing_runs_inline_outside_a_multi_thread_runtime() {
         assert!(Slot::try_take().is_none(), "no runtime");
@@ -202,6 +312,7 @@ mod tests {
 
     #[test]
     fn at_most_workers_minus_one_slots() {
+        let _slots = slots_to_myself();
         let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(3).build().expect("runtime");
         rt.block_on(async {
             let a = Slot::try_take().expect("first");

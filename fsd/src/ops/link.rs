@@ -28,7 +28,7 @@ fn freed_by_removing(st: &Stat) -> u64 {
 /// `None` (nothing done) when `place` declines to free what it would ([`Place::declines`]).
 pub fn unlink(jail: &Jail, quota: &Arc<dyn QuotaLedger>, path: &WirePath, place: Place) -> Result<Option<()>, OpError> {
     let (dir, name) = jail.parent(path)?;
-    let _sizing = quota.size_lock();
+    let _sizing = super::inline::size_lock(quota.as_ref())?;
     let st = rustix::fs::statat(&dir, name, AtFlags::SYMLINK_NOFOLLOW)?;
     if place.declines(&st) {
         return Ok(None);
@@ -57,7 +57,7 @@ pub fn rename(
     if flags.exchange {
         how |= rustix::fs::RenameFlags::EXCHANGE;
     }
-    let _sizing = quota.size_lock();
+    let _sizing = super::inline::size_lock(quota.as_ref())?;
     // What a plain rename replaces (an exchange keeps both, a no-replace one replaces nothing).
     let replaced =
         if how.is_empty() { rustix::fs::statat(&to_dir, to_name, AtFlags::SYMLINK_NOFOLLOW).ok() } else { None };
@@ -85,7 +85,7 @@ pub fn symlink(jail: &Jail, quota: &Arc<dyn QuotaLedger>, target: &[u8], path: &
         return Err(homefs_shared::ErrorCode::NameTooLong.into());
     }
     let (dir, name) = jail.parent(path)?;
-    let _sizing = quota.size_lock();
+    let _sizing = super::inline::size_lock(quota.as_ref())?;
     let reservation = Reservation::new(quota, target.len() as u64)?;
     rustix::fs::symlinkat(OsStr::from_bytes(target), &dir, name)?;
     // A symlink's apparent size is its target's length.
@@ -106,7 +106,7 @@ pub fn link(jail: &Jail, quota: &Arc<dyn QuotaLedger>, from: &WirePath, to: &Wir
     let (from_dir, from_name) = jail.parent(from)?;
     let (to_dir, to_name) = jail.parent(to)?;
     // Held so that an Unlink of the other name cannot see a stale link count.
-    let _sizing = quota.size_lock();
+    let _sizing = super::inline::size_lock(quota.as_ref())?;
     rustix::fs::linkat(&from_dir, from_name, &to_dir, to_name, AtFlags::empty())?;
     Ok(attr_of(&rustix::fs::statat(&to_dir, to_name, AtFlags::SYMLINK_NOFOLLOW)?))
 }

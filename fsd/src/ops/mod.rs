@@ -212,20 +212,22 @@ impl AuthedSession {
             }
             Request::Close { fh } => {
                 let h = self.handles.remove(fh).ok_or(ErrorCode::BadHandle)?;
-                self.locks.release_flock(h.file, self.id, fh.0);
+                let file = h.file;
                 // The last reference closes the fd; close(2) may block (e.g. on network storage,
                 // or freeing a file unlinked while open): inline only within the slot's bound, and
                 // a large unlinked file is freed on the pool.
                 let large = rustix::fs::fstat(&h.fd).is_ok_and(|st| st.st_nlink == 0 && inline::frees_much(&st));
+                let mut h = Some(h);
                 let close = move |_: &Jail| {
-                    drop(h);
+                    drop(h.take());
                     Ok(())
                 };
-                if large {
-                    jail.run(close).await?
-                } else {
-                    run_short(jail, close).await?
-                }
+                let closed = if large { jail.run(close).await } else { run_short(jail, close).await };
+                // Released once the file is closed (whatever the close answered): a waiter woken
+                // earlier would be queued behind this close on this runtime thread (tokio runs a
+                // task woken here next, here).
+                self.locks.release_flock(file, self.id, fh.0);
+                closed?;
                 Response::Done
             }
             Request::SetAttr { path, fh, set } => {

@@ -76,7 +76,7 @@ pub fn put_file(
     let len = data.len() as u64;
     // Held from the look at what is replaced to the rename, as a write holds it from its fstat to
     // its settle: the net growth is charged (a replaced file gives its size back), exactly.
-    let sizing = quota.size_lock();
+    let sizing = super::inline::size_lock(quota.as_ref())?;
     let replaced = if exclusive { None } else { rustix::fs::statat(&dir, name, AtFlags::SYMLINK_NOFOLLOW).ok() };
     let freed = replaced.as_ref().map_or(0, freed_by_replacing);
     // Charged before the temporary file exists, refunded on drop unless settled.
