@@ -957,10 +957,14 @@ phase_xfer() {
     local o=$(((r - 1) % nt)) order
     order=("${tools[@]:$o}" "${tools[@]:0:$o}")
     for tool in "${order[@]}"; do
-      rm -f "$R/up.bin"; sync
+      # Every tool writes into the blocks the previous round's upload freed: the peers' up.bin is
+      # removed on the server's disk, and so is netcp's (under fsd, which then counts it against
+      # the quota until it restarts: harmless under the bench's 50G). A new name per round made
+      # netcp's uploads land on never-written blocks of the loop image, slower to allocate.
+      rm -f "$R/up.bin" "$FSDDIR/homes/$HOMEFS_USER/up.bin"; sync
       ft=$tool
       case $tool in
-        netcp) xfer_netcp "$UP" "$r" "netcp put/get of the big file" --no-resume "$X/src/big.bin" "$H:up-r$r.bin" ;;
+        netcp) xfer_netcp "$UP" "$r" "netcp put/get of the big file" --no-resume "$X/src/big.bin" "$H:up.bin" ;;
         scp) measure xfer "$UP" scp "$r" scp "${SCPO[@]}" "$X/src/big.bin" "peer:$R/up.bin" ;;
         scp_aes128gcm) ft="scp (aes128-gcm)"; measure xfer "$UP" "$ft" "$r" scp "${SCPO[@]}" -o Ciphers=aes128-gcm@openssh.com "$X/src/big.bin" "peer:$R/up.bin" ;;
         rsync) measure xfer "$UP" rsync "$r" rsync -e "$E" "$X/src/big.bin" "peer:$R/up.bin" ;;
@@ -980,9 +984,9 @@ phase_xfer() {
       fi
     done
     for tool in "${order[@]}"; do
-      rm -rf "$R/tree_up"; sync
+      rm -rf "$R/tree_up" "$FSDDIR/homes/$HOMEFS_USER/tree_up"; sync  # as for up.bin
       case $tool in
-        netcp) xfer_netcp "$UPT" "$r" "netcp -r -j $NETCP_JOBS, tree" --no-resume -r -j "$NETCP_JOBS" "$X/src/tree" "$H:tree_up_r$r" ;;
+        netcp) xfer_netcp "$UPT" "$r" "netcp -r -j $NETCP_JOBS, tree" --no-resume -r -j "$NETCP_JOBS" "$X/src/tree" "$H:tree_up" ;;
         scp) measure xfer "$UPT" scp "$r" scp -r "${SCPO[@]}" "$X/src/tree" "peer:$R/tree_up" ;;
         rsync) measure xfer "$UPT" rsync "$r" rsync -a -e "$E" "$X/src/tree/" "peer:$R/tree_up/" ;;
       esac
