@@ -154,6 +154,13 @@ pub enum Request {
     /// disk; the server may do it with one `syncfs` when that is cheaper. Appended in protocol 1
     /// (PROTOCOL.md, "Batches").
     Sync { paths: Vec<WirePath> },
+    /// Remove many names in one request: each item, in order, exactly as `Unlink`
+    /// ([`RemoveKind::File`]) or `Rmdir` ([`RemoveKind::Dir`]) of its path (at most
+    /// [`MAX_BATCH_FILES`] items). Answered by `Response::Removed` with one result per item, in
+    /// order: a failed item does not stop the ones after it (an `Rmdir` after a failed `Unlink` of
+    /// one of its files then fails on its own, `NotEmpty`). Appended in protocol 1 (PROTOCOL.md,
+    /// "Batched removes"); an older server cannot decode it and closes the connection.
+    Remove { items: Vec<RemoveItem> },
 }
 
 /// What the server answers.
@@ -206,6 +213,23 @@ pub enum Response {
     /// Answers `GetFiles`: each path's outcome, in the order of the request; the frame's data is
     /// the bytes of every `Ok` item (`len` each), back to back in that order.
     FilesData { results: Vec<Result<FileItem, WireError>> },
+    /// Answers `Remove`: each item's outcome, in the order of the request.
+    Removed { results: Vec<Result<(), WireError>> },
+}
+
+/// One name of a `Remove` batch, and how it is removed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RemoveItem {
+    pub path: WirePath,
+    pub kind: RemoveKind,
+}
+
+/// How a `Remove` item goes: as `Unlink` (anything but a directory) or as `Rmdir` (an empty
+/// directory).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum RemoveKind {
+    File,
+    Dir,
 }
 
 /// The most files in one `PutFiles` or `GetFiles`: bounds the server's work per request and the
@@ -399,6 +423,15 @@ mod batch_tests {
             (29, Request::PutFiles { files: vec![item.clone(), item] }),
             (30, Request::GetFiles { paths: vec![p(), p()], max_bytes: 1 << 20 }),
             (31, Request::Sync { paths: vec![p()] }),
+            (
+                32,
+                Request::Remove {
+                    items: vec![
+                        RemoveItem { path: p(), kind: RemoveKind::File },
+                        RemoveItem { path: WirePath::new("d").expect("valid"), kind: RemoveKind::Dir },
+                    ],
+                },
+            ),
         ];
         for (index, request) in requests {
             let header = RequestHeader { id: RequestId(1), request };
@@ -410,6 +443,12 @@ mod batch_tests {
         let responses = [
             (17, Response::StoredFiles { results: vec![Ok(StoredItem { hash: [7; 32], attr: attr() }), Err(refused)] }),
             (18, Response::FilesData { results: vec![Ok(FileItem { attr: attr(), hash: [1; 32], len: 3 })] }),
+            (
+                19,
+                Response::Removed {
+                    results: vec![Ok(()), Err(WireError::new(crate::ErrorCode::NotEmpty, "not empty"))],
+                },
+            ),
         ];
         for (index, response) in responses {
             let header = ResponseHeader { id: RequestId(1), result: Ok(response) };

@@ -362,6 +362,11 @@ impl LoggedMount {
         parse_field(line, "hits=", " notices=")
     }
 
+    /// One kind of [`LoggedMount::hits`] (0 when none).
+    pub fn hit(&self, kind: &str) -> u64 {
+        self.hits().get(kind).copied().unwrap_or(0)
+    }
+
     /// Unmounts and waits (bounded) for the daemon to exit; returns its log.
     ///
     /// # Panics
@@ -494,4 +499,13 @@ pub fn python(server: &TestServer, m: &TestMount, user: &str, body: &str) -> Str
     std::fs::write(&path, format!("{PY_PRELUDE}{body}")).expect("write the script");
     let home = server.home_path(user);
     m.sh_ok(&format!("python3 {} {}", path.display(), home.display()))
+}
+
+/// The names in `dir` on the server's disk, sorted (none when it does not exist).
+pub fn names_on_server(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .map(|rd| rd.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+        .unwrap_or_default();
+    v.sort();
+    v
 }

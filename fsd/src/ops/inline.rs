@@ -49,7 +49,7 @@ thread_local! {
 }
 
 /// Runs `work` on this (runtime) thread, marked as inline for [`size_lock`].
-fn run_inline<T>(work: impl FnOnce() -> T) -> T {
+pub(crate) fn run_inline<T>(work: impl FnOnce() -> T) -> T {
     struct Unmark;
     impl Drop for Unmark {
         fn drop(&mut self) {

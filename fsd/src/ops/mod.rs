@@ -23,6 +23,7 @@ pub mod inline;
 pub mod link;
 pub mod lock;
 pub mod meta;
+pub mod remove;
 pub mod sizing;
 pub mod whole;
 
@@ -140,6 +141,7 @@ impl AuthedSession {
             Request::Write { fh, .. } | Request::WriteAttr { fh, .. } => handle_path(*fh, &burst),
             Request::CopyRange { dst, .. } => handle_path(*dst, &burst),
             Request::PutFiles { files } => files.iter().map(|f| f.path.clone()).collect(),
+            Request::Remove { items } => items.iter().map(|i| i.path.clone()).collect(),
             Request::Fsync { fh, .. } | Request::Close { fh } => handle_path(*fh, &dirty),
             _ => Vec::new(),
         }
@@ -289,6 +291,10 @@ impl AuthedSession {
             Request::Sync { paths } => {
                 jail.run(move |j| whole::sync_paths(j, &paths)).await?;
                 Response::Done
+            }
+            Request::Remove { items } => {
+                let results = remove::remove(jail, &quota, items).await?;
+                Response::Removed { results: whole::to_wire(results, |e| self.log_failure(e)) }
             }
         };
         Ok((answer, Bytes::new()))

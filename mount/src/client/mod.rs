@@ -10,10 +10,11 @@
 
 use bytes::Bytes;
 use homefs_shared::{
-    Attr, DirEntry, ErrorCode, Fh, FileItem, LockSpec, OpenFlags, PutItem, RenameFlags, Request, Response, SetAttr,
-    StatFs, StoredItem, Timestamp, WireError, WirePath, MAX_DATA_BYTES,
+    Attr, DirEntry, ErrorCode, Fh, FileItem, LockSpec, OpenFlags, PutItem, RemoveItem, RenameFlags, Request, Response,
+    SetAttr, StatFs, StoredItem, Timestamp, WireError, WirePath, MAX_DATA_BYTES,
 };
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::Semaphore;
@@ -124,7 +125,16 @@ struct Inner {
     handles: Handles,
     /// Requests sent, by kind (the profile of a workload in round trips).
     counts: stats::Counts,
+    /// Whether the server takes `Remove` batches: [`BATCH_UNKNOWN`], [`BATCH_YES`], [`BATCH_NO`].
+    removes: AtomicU8,
 }
+
+/// No `Remove` answered or refused yet.
+const BATCH_UNKNOWN: u8 = 0;
+/// A `Remove` was answered: the server knows it.
+const BATCH_YES: u8 = 1;
+/// The server refused a `Remove` (an older server): single requests from now on.
+const BATCH_NO: u8 = 2;
 
 impl Drop for Inner {
     /// The last clone is gone: stop reconnecting and close the connection.
@@ -209,6 +219,7 @@ impl Client {
                 reconnect_timeout: opts.reconnect_timeout,
                 handles: Handles::default(),
                 counts: stats::Counts::default(),
+                removes: AtomicU8::new(BATCH_UNKNOWN),
             }),
         })
     }
@@ -808,6 +819,76 @@ impl Client {
             return Err(WireError::new(ErrorCode::TooBig, "too many paths for one sync"));
         }
         self.exec(Request::Sync { paths }, Bytes::new()).await.map(drop)
+    }
+}
+
+impl Client {
+    /// Whether [`Client::remove`] may be used: false once the server refused a `Remove` (an older
+    /// server, PROTOCOL.md "Batched removes"); then send `Unlink`/`Rmdir` one by one.
+    pub fn has_remove(&self) -> bool {
+        self.inner.removes.load(Ordering::Relaxed) != BATCH_NO
+    }
+
+    /// Removes many names in one request (`Remove`): each item in order, as `Unlink` or `Rmdir`
+    /// would. Returns each item's outcome in order; a failed item does not stop the others. Not
+    /// repeated after a lost connection (the caller decides: a repeated item that had been
+    /// removed answers `NotFound`) except while the server has not yet shown that it knows the
+    /// request (an older server closes the connection on it, see [`Client::has_remove`]).
+    ///
+    /// # Errors
+    /// For the whole batch: `TooBig` (more than [`homefs_shared::MAX_BATCH_FILES`] items), an
+    /// older server's refusal (`Protocol`, `NoSys`, `NotSupported`, or `Io` for a connection lost
+    /// twice before any `Remove` was answered; [`Client::has_remove`] is false from then on), or
+    /// the connection's.
+    pub async fn remove(&self, items: Vec<RemoveItem>) -> Result<Vec<Result<(), WireError>>, WireError> {
+        self.remove_sent(items).await.map(|(results, _)| results)
+    }
+
+    /// As [`Client::remove`]; also says whether the batch was sent twice (then an item the first
+    /// send removed answers `NotFound`).
+    pub(crate) async fn remove_sent(
+        &self,
+        items: Vec<RemoveItem>,
+    ) -> Result<(Vec<Result<(), WireError>>, bool), WireError> {
+        if items.len() > homefs_shared::MAX_BATCH_FILES {
+            return Err(WireError::new(ErrorCode::TooBig, "too many items for one remove"));
+        }
+        if items.is_empty() {
+            return Ok((Vec::new(), false));
+        }
+        if !self.has_remove() {
+            return Err(WireError::new(ErrorCode::NotSupported, "the server does not take Remove batches"));
+        }
+        let n = items.len();
+        let request = Request::Remove { items };
+        let mut answer = self.exec(request.clone(), Bytes::new()).await;
+        let mut again = false;
+        // Lost before the server ever answered a Remove: an older server closes the connection on
+        // a request it cannot decode. Once more on the next connection tells that from a loss.
+        if matches!(&answer, Err(e) if e.code == ErrorCode::Io)
+            && self.inner.removes.load(Ordering::Relaxed) == BATCH_UNKNOWN
+        {
+            answer = self.exec(request, Bytes::new()).await;
+            again = true;
+            if matches!(&answer, Err(e) if e.code == ErrorCode::Io) {
+                tracing::info!("the server closed the connection on a Remove twice: single unlinks from now on");
+                self.inner.removes.store(BATCH_NO, Ordering::Relaxed);
+            }
+        }
+        match answer {
+            Ok((Response::Removed { results }, _, _)) if results.len() == n => {
+                self.inner.removes.store(BATCH_YES, Ordering::Relaxed);
+                Ok((results, again))
+            }
+            Ok(_) => Err(unexpected("Remove")),
+            Err(e) => {
+                if matches!(e.code, ErrorCode::Protocol | ErrorCode::NoSys | ErrorCode::NotSupported) {
+                    tracing::info!(error = %e, "the server refused a Remove: single unlinks from now on");
+                    self.inner.removes.store(BATCH_NO, Ordering::Relaxed);
+                }
+                Err(e)
+            }
+        }
     }
 }
 

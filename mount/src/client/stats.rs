@@ -5,7 +5,7 @@ use homefs_shared::Request;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 /// The kinds counted, in the order [`kind`] numbers them.
-const KINDS: [&str; 32] = [
+const KINDS: [&str; 33] = [
     "hello",
     "login",
     "resume",
@@ -38,6 +38,7 @@ const KINDS: [&str; 32] = [
     "put_files",
     "get_files",
     "sync",
+    "remove",
 ];
 
 /// The index of a request's kind in [`KINDS`].
@@ -75,13 +76,20 @@ fn kind(r: &Request) -> usize {
         Request::PutFiles { .. } => 29,
         Request::GetFiles { .. } => 30,
         Request::Sync { .. } => 31,
+        Request::Remove { .. } => 32,
     }
 }
 
 /// Requests sent, by kind.
-#[derive(Default)]
 pub(crate) struct Counts {
     sent: [AtomicU64; KINDS.len()],
+}
+
+impl Default for Counts {
+    /// All zero (`Default` is derived for arrays of at most 32 elements only).
+    fn default() -> Counts {
+        Counts { sent: std::array::from_fn(|_| AtomicU64::new(0)) }
+    }
 }
 
 impl Counts {

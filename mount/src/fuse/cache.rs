@@ -33,6 +33,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::{Notify, Semaphore};
 
+use super::unlinks::Outbox;
+
 /// The most entries kept (about 200 bytes each: ~10 MiB), enough for the benchmark's trees.
 pub const MAX_ENTRIES: usize = 50_000;
 /// The most names kept in listings, all directories together (about 80 bytes each: ~4 MiB).
@@ -190,6 +192,8 @@ pub struct AttrCache {
     unlinks_done: Notify,
     /// Permits for unlinks answered behind ([`MAX_UNLINKS_BEHIND`]).
     pub unlink_slots: Arc<Semaphore>,
+    /// Unlinks answered behind, queued for the next batch (`unlinks.rs`).
+    pub outbox: Outbox,
 }
 
 impl AttrCache {
@@ -202,6 +206,7 @@ impl AttrCache {
             maps: Mutex::new(Maps::default()),
             unlinks_done: Notify::new(),
             unlink_slots: Arc::new(Semaphore::new(MAX_UNLINKS_BEHIND)),
+            outbox: Outbox::default(),
         }
     }
 

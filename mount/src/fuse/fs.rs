@@ -590,9 +590,19 @@ impl Filesystem for HomeFs {
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        // The kernel keeps the listings it reads (handles.rs), unless nothing may be cached.
+        let cache_dir = !self.ttl().is_zero();
         self.spawn("opendir", move |r| async move {
             match r.opendir(ino.0).await {
-                Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
+                Ok((fh, keep)) if cache_dir => {
+                    let flags = if keep {
+                        FopenFlags::FOPEN_CACHE_DIR | FopenFlags::FOPEN_KEEP_CACHE
+                    } else {
+                        FopenFlags::FOPEN_CACHE_DIR
+                    };
+                    reply.opened(FileHandle(fh), flags)
+                }
+                Ok((fh, _)) => reply.opened(FileHandle(fh), FopenFlags::empty()),
                 Err(e) => reply.error(e),
             }
         });
@@ -602,10 +612,12 @@ impl Filesystem for HomeFs {
         // Served from the snapshot taken at opendir: no network, so answered on this thread.
         self.count("readdir");
         let Some(dir) = self.remote.handles.dir(fh.0) else { return reply.error(Errno::EBADF) };
+        // The kernel may keep what it is given here (handles.rs).
+        self.remote.handles.serving_dir(&dir);
         let dots = [(dir.ino, FileType::Directory, &b"."[..]), (dir.parent_ino, FileType::Directory, &b".."[..])];
-        let all = dots.into_iter().chain(
-            dir.entries.iter().map(|e| (self.remote.inodes.fuse_ino(e.attr.ino), file_type(e.attr.kind), &e.name[..])),
-        );
+        let all = dots
+            .into_iter()
+            .chain(dir.entries.iter().zip(&dir.inos).map(|(e, ino)| (*ino, file_type(e.attr.kind), &e.name[..])));
         for (i, (ino, kind, name)) in all.enumerate().skip(offset as usize) {
             if reply.add(INodeNo(ino), i as u64 + 1, kind, OsStr::from_bytes(name)) {
                 break;
@@ -619,6 +631,8 @@ impl Filesystem for HomeFs {
         self.count("readdirplus");
         let Some(dir) = self.remote.handles.dir(fh.0) else { return reply.error(Errno::EBADF) };
         let Some(dir_path) = self.remote.inodes.path(ino.0) else { return reply.error(Errno::ESTALE) };
+        // The kernel may keep what it is given here (handles.rs).
+        self.remote.handles.serving_dir(&dir);
         let (ttl, owner) = (self.ttl(), self.remote.owner);
         let dir_attr = self.remote.inodes.last_attr(dir.ino);
         let mut index = offset as usize;
@@ -637,6 +651,11 @@ impl Filesystem for HomeFs {
         for (i, e) in dir.entries.iter().enumerate().skip(index - 2) {
             let Ok(path) = dir_path.join(&e.name) else { continue };
             let ino = self.remote.inodes.fuse_ino(e.attr.ino);
+            if dir.inos.get(i) != Some(&ino) {
+                // Numbered otherwise since the snapshot (a file created behind was stored): the
+                // listing the kernel keeps is not the snapshot's.
+                self.remote.handles.forget_kernel_listing(dir.ino);
+            }
             let attr = owner.file_attr(ino, &e.attr);
             if reply.add(INodeNo(ino), i as u64 + 3, OsStr::from_bytes(&e.name), &ttl, &attr, Generation(0)) {
                 break;

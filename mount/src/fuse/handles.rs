@@ -3,13 +3,29 @@
 //! `release` only send an unlock when there is something to unlock), and how many files are
 //! open on each inode (an unlink of an open file is not answered behind).
 //!
+//! Directory listings the kernel keeps: every `opendir` answers `FOPEN_CACHE_DIR`, so the kernel
+//! keeps what `readdir` served in the directory's page cache, and `FOPEN_KEEP_CACHE` only when
+//! the new snapshot is exactly what was served before (same [`DirSnapshot::fingerprint`]); any
+//! other `opendir` makes the kernel drop what it kept. The kernel itself drops it when the
+//! directory changes through this mount (its i_version) or its mtime moves. What a handle serves
+//! while another snapshot is the kernel's (a handle opened before the listing changed) makes the
+//! kernel's copy unknown, and the next `opendir` drops it. A copy is kept at most one cache TTL
+//! after it was filled: the names and attributes `readdirplus` gave with it expire then, and a
+//! fresh `readdirplus` renews them all at once (else `ls -l` would ask for each entry's attributes
+//! one by one). `dbench` opens an unchanged directory
+//! four times in five (its name resolution lists the directory for every absent name): each such
+//! listing is then read from the kernel's memory, with no `readdirplus` request.
+//!
 //! A file's FUSE handle is the client's [`homefs_shared::Fh`] number itself: the client keeps it
 //! valid across reconnects, so no table is needed for files.
 
 use homefs_shared::DirEntry;
+use std::collections::hash_map::DefaultHasher;
 use std::collections::{HashMap, HashSet};
+use std::hash::{Hash, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 /// One directory listing, taken at `opendir`, so offsets stay valid while it is read.
 #[derive(Debug)]
@@ -19,7 +35,36 @@ pub struct DirSnapshot {
     /// FUSE inode of its parent (for `..`).
     pub parent_ino: u64,
     pub entries: Vec<DirEntry>,
+    /// The FUSE inode of each entry, as given to the kernel (in `entries`' order).
+    pub inos: Vec<u64>,
+    /// Of everything `readdir` gives the kernel from this snapshot (see [`fingerprint`]).
+    pub fingerprint: u64,
 }
+
+impl DirSnapshot {
+    /// A snapshot of directory `ino` whose entries have the FUSE inodes `inos`.
+    pub fn new(ino: u64, parent_ino: u64, entries: Vec<DirEntry>, inos: Vec<u64>) -> DirSnapshot {
+        let fingerprint = fingerprint(ino, parent_ino, &entries, &inos);
+        DirSnapshot { ino, parent_ino, entries, inos, fingerprint }
+    }
+}
+
+/// A hash of what the kernel keeps of a listing: names, inodes and kinds, in order, with `.`
+/// and `..` (attributes are not kept with a cached listing).
+pub fn fingerprint(ino: u64, parent_ino: u64, entries: &[DirEntry], inos: &[u64]) -> u64 {
+    let mut h = DefaultHasher::new();
+    (ino, parent_ino, entries.len()).hash(&mut h);
+    for (e, i) in entries.iter().zip(inos) {
+        e.name.hash(&mut h);
+        i.hash(&mut h);
+        e.attr.kind.hash(&mut h);
+    }
+    h.finish()
+}
+
+/// Directories whose kept listing is remembered; past it the memory is cleared, which only
+/// makes the next `opendir` of each drop the kernel's copy.
+pub const MAX_KERNEL_LISTINGS: usize = 16_384;
 
 /// Directory snapshots and lock owners, by handle.
 #[derive(Debug, Default)]
@@ -31,6 +76,10 @@ pub struct Handles {
     lock_owners: Mutex<HashMap<u64, HashSet<u64>>>,
     /// Guards the count of open file handles, by FUSE inode.
     open_files: Mutex<HashMap<u64, u64>>,
+    /// Guards the fingerprint of the listing the kernel may keep, and when it was filled, by
+    /// directory FUSE inode: present only while every `readdir` served since the `opendir` that
+    /// set it came from a snapshot with that fingerprint.
+    kernel_listings: Mutex<HashMap<u64, (u64, Instant)>>,
 }
 
 impl Handles {
@@ -38,11 +87,41 @@ impl Handles {
         Handles::default()
     }
 
-    /// Keeps a snapshot; returns its handle.
-    pub fn open_dir(&self, snapshot: DirSnapshot) -> u64 {
+    /// Keeps a snapshot; returns its handle and whether the kernel may keep the listing it has
+    /// of the directory (it is this snapshot's, filled less than `ttl` ago). If not, the kernel
+    /// drops it at this `opendir`, and this snapshot's becomes the one it keeps.
+    pub fn open_dir(&self, snapshot: DirSnapshot, ttl: Duration) -> (u64, bool) {
+        let keep = {
+            let mut kept = self.kernel_listings.lock().unwrap_or_else(|p| p.into_inner());
+            let keep = kept
+                .get(&snapshot.ino)
+                .is_some_and(|(fp, filled)| *fp == snapshot.fingerprint && filled.elapsed() < ttl);
+            if !keep {
+                if kept.len() >= MAX_KERNEL_LISTINGS {
+                    kept.clear();
+                }
+                kept.insert(snapshot.ino, (snapshot.fingerprint, Instant::now()));
+            }
+            keep
+        };
         let fh = self.next_dir.fetch_add(1, Ordering::Relaxed) + 1;
         self.dirs.lock().unwrap_or_else(|p| p.into_inner()).insert(fh, Arc::new(snapshot));
-        fh
+        (fh, keep)
+    }
+
+    /// `readdir` serves `snapshot` to the kernel, which may keep it: if another snapshot's
+    /// listing is the one remembered, what the kernel keeps is no longer known.
+    pub fn serving_dir(&self, snapshot: &DirSnapshot) {
+        let mut kept = self.kernel_listings.lock().unwrap_or_else(|p| p.into_inner());
+        if kept.get(&snapshot.ino).is_none_or(|(fp, _)| *fp != snapshot.fingerprint) {
+            kept.remove(&snapshot.ino);
+        }
+    }
+
+    /// What the kernel keeps of directory `ino` is no longer known (it was served something
+    /// other than its snapshot): the next `opendir` drops it.
+    pub fn forget_kernel_listing(&self, ino: u64) {
+        self.kernel_listings.lock().unwrap_or_else(|p| p.into_inner()).remove(&ino);
     }
 
     /// The snapshot behind a directory handle.
@@ -127,11 +206,86 @@ mod tests {
         assert!(!h.is_file_open(7));
     }
 
+    fn entry(name: &str, ino: u64) -> DirEntry {
+        let attr = homefs_shared::Attr {
+            ino,
+            kind: homefs_shared::FileKind::File,
+            perm: 0o644,
+            nlink: 1,
+            size: 0,
+            blocks: 0,
+            atime: Default::default(),
+            mtime: Default::default(),
+            ctime: Default::default(),
+        };
+        DirEntry { name: name.as_bytes().to_vec(), attr }
+    }
+
+    impl Handles {
+        fn open_dir_for_a_while(&self, snapshot: DirSnapshot) -> (u64, bool) {
+            self.open_dir(snapshot, Duration::from_secs(3600))
+        }
+    }
+
+    fn snapshot(dir: u64, names: &[(&str, u64)]) -> DirSnapshot {
+        let entries: Vec<_> = names.iter().map(|(n, i)| entry(n, *i)).collect();
+        let inos = names.iter().map(|(_, i)| *i).collect();
+        DirSnapshot::new(dir, dir, entries, inos)
+    }
+
+    #[test]
+    fn the_kernel_keeps_a_listing_only_while_it_is_the_same() {
+        let h = Handles::new();
+        let (_, keep) = h.open_dir_for_a_while(snapshot(5, &[("a", 10), ("b", 11)]));
+        assert!(!keep, "first opendir: the kernel has nothing of ours to keep");
+        let (_, keep) = h.open_dir_for_a_while(snapshot(5, &[("a", 10), ("b", 11)]));
+        assert!(keep, "same listing: the kernel's copy is it");
+        let (_, keep) = h.open_dir_for_a_while(snapshot(6, &[("a", 10), ("b", 11)]));
+        assert!(!keep, "another directory");
+        for changed in
+            [vec![("a", 10)], vec![("a", 10), ("c", 11)], vec![("a", 10), ("b", 12)], vec![("b", 11), ("a", 10)]]
+        {
+            let (_, keep) = h.open_dir_for_a_while(snapshot(5, &changed));
+            assert!(!keep, "changed listing {changed:?}: the kernel drops its copy");
+            let (_, keep) = h.open_dir_for_a_while(snapshot(5, &[("a", 10), ("b", 11)]));
+            assert!(!keep, "changed back: the kernel's copy is the changed one");
+        }
+        let (_, keep) = h.open_dir_for_a_while(snapshot(5, &[("a", 10), ("b", 11)]));
+        assert!(keep);
+    }
+
+    #[test]
+    fn a_kept_listing_is_renewed_after_one_ttl() {
+        let h = Handles::new();
+        let (_, keep) = h.open_dir(snapshot(5, &[("a", 10)]), Duration::ZERO);
+        assert!(!keep);
+        let (_, keep) = h.open_dir(snapshot(5, &[("a", 10)]), Duration::ZERO);
+        assert!(!keep, "filled a TTL ago or more: the kernel reads it again, attributes with it");
+        let (_, keep) = h.open_dir(snapshot(5, &[("a", 10)]), Duration::from_secs(3600));
+        assert!(keep, "filled (again) by the previous opendir, within the TTL");
+    }
+
+    #[test]
+    fn serving_an_older_snapshot_makes_the_kernels_copy_unknown() {
+        let h = Handles::new();
+        let (old, _) = h.open_dir_for_a_while(snapshot(5, &[("a", 10)]));
+        let (new, _) = h.open_dir_for_a_while(snapshot(5, &[("a", 10), ("b", 11)]));
+        h.serving_dir(&h.dir(new).expect("open"));
+        let (_, keep) = h.open_dir_for_a_while(snapshot(5, &[("a", 10), ("b", 11)]));
+        assert!(keep, "served only the remembered snapshot");
+        h.serving_dir(&h.dir(old).expect("open"));
+        let (_, keep) = h.open_dir_for_a_while(snapshot(5, &[("a", 10), ("b", 11)]));
+        assert!(!keep, "the old handle may have filled the kernel's copy");
+        h.forget_kernel_listing(5);
+        let (_, keep) = h.open_dir_for_a_while(snapshot(5, &[("a", 10), ("b", 11)]));
+        assert!(!keep, "forgotten");
+    }
+
     #[test]
     fn dir_handles_are_distinct() {
         let h = Handles::new();
-        let a = h.open_dir(DirSnapshot { ino: 1, parent_ino: 1, entries: vec![] });
-        let b = h.open_dir(DirSnapshot { ino: 2, parent_ino: 1, entries: vec![] });
+        let (a, _) = h.open_dir_for_a_while(DirSnapshot::new(1, 1, vec![], vec![]));
+        let (b, _) = h.open_dir_for_a_while(DirSnapshot::new(2, 1, vec![], vec![]));
         assert_ne!(a, b);
         h.close_dir(a);
         assert!(h.dir(a).is_none() && h.dir(b).is_some());

@@ -397,11 +397,12 @@ impl Remote {
 
     pub async fn rmdir(&self, parent: u64, name: &[u8]) -> R<()> {
         let path = self.child(parent, name)?;
-        // Its files unlinked behind must be gone first, or the server finds it not empty; its
-        // files created behind must be there (the server then finds it not empty).
+        // Its files unlinked behind must be gone first (or go in the same request, before it),
+        // or the server finds it not empty; its files created behind must be there (the server
+        // then finds it not empty).
         self.materialize_within(&path).await?;
-        self.wait_for_unlinks_within(&path).await;
-        if let Err(e) = self.client.rmdir(&path).await {
+        // With its unlinks still queued in one request (unlinks.rs).
+        if let Err(e) = self.rmdir_after_unlinks(&path).await {
             self.cache.invalidate_tree(&path);
             self.dir_changed(parent);
             return Err(errno(&e));
@@ -682,16 +683,19 @@ impl Remote {
 
     /// `opendir`: the whole listing, with attributes, is taken now and served from memory at
     /// stable offsets: from the cache when it holds the listing (no round trip), else from the
-    /// server (one round trip per page), which the cache then keeps.
-    pub async fn opendir(self: &Arc<Self>, ino: u64) -> R<u64> {
+    /// server (one round trip per page), which the cache then keeps. Returns the handle and
+    /// whether the kernel may keep the listing it has of the directory (`handles.rs`).
+    pub async fn opendir(self: &Arc<Self>, ino: u64) -> R<(u64, bool)> {
         let path = self.path(ino)?;
         let created = self.created_in(&path);
-        if self.cache.listing(&path).is_none() {
+        let mut cached = self.cache.listing(&path);
+        if cached.is_none() {
             self.wait_for_unlinks_in(&path).await;
             // A read-ahead of this directory in flight answers it soon.
             self.prefetch.wait(&path).await;
+            cached = self.cache.listing(&path);
         }
-        let entries = match self.cache.listing(&path) {
+        let entries = match cached {
             Some(entries) => {
                 Hits::add(&self.hits.readdir);
                 entries
@@ -706,7 +710,8 @@ impl Remote {
         self.read_ahead(&path, &entries);
         self.read_ahead_siblings(&path);
         let entries = self.with_created(created, entries).await;
-        Ok(self.handles.open_dir(DirSnapshot { ino, parent_ino: ino, entries }))
+        let inos = entries.iter().map(|e| self.inodes.fuse_ino(e.attr.ino)).collect();
+        Ok(self.handles.open_dir(DirSnapshot::new(ino, ino, entries, inos), self.cache.ttl()))
     }
 
     /// `lookup` answered from the cache alone, on the caller's (FUSE) thread: `None` when it

@@ -1,6 +1,7 @@
 //! Unlink-behind: `unlink` of a name the cache knows to be a non-directory, with no handle open on
-//! it through this mount, is answered at once and sent in the background, many in flight
-//! (`rm -rf` no longer waits a round trip per file). What must not change does not:
+//! it through this mount, is answered at once and sent in the background, in batches
+//! (`Request::Remove`): `rm -rf` no longer waits a round trip per file, and the server and this
+//! client handle one request per batch instead of one per file. What must not change does not:
 //!
 //! - **What others see of this mount**: the name is absent in the cache at once (`cache.rs`
 //!   marks its directory pending). Whatever depends on the server having it waits for the
@@ -12,17 +13,33 @@
 //! - **Errors**: a failed unlink is logged, and the name comes back: its cache entry, its
 //!   directory's listing and attributes and the kernel's dentry go, so the next lookup asks the
 //!   server; a later `rmdir` of the directory fails as it should (ENOTEMPTY). A lost connection
-//!   is retried (ENOENT on the retry, or ever, counts as done: the name is gone either way).
+//!   is retried once (ENOENT on the retry, or ever, counts as done: the name is gone either way).
 //! - **Open files**: an unlink of a file open through this mount stays synchronous, as before
 //!   (the server keeps the handle's descriptor; `fstat` answers from the last attributes).
-//! - **Memory**: at most [`super::cache::MAX_UNLINKS_BEHIND`] in flight; past it, `unlink` waits.
+//! - **Memory**: at most [`super::cache::MAX_UNLINKS_BEHIND`] queued or in flight; past it,
+//!   `unlink` waits.
+//!
+//! Batching ([`Outbox`]), without a timer: an unlink answered behind is queued; when no batch is
+//! in flight it goes at once, else it waits for that batch's answer, and whoever gets an answer
+//! sends what gathered meanwhile (at most [`MAX_BATCH`] in one request; a second batch goes
+//! without waiting only when a whole one gathered). A lone unlink thus costs one round trip as
+//! before, and a burst (`rm -rf`) one request per round trip.
+//!
+//! `rmdir` ([`Remote::rmdir_after_unlinks`]) takes its directory's unlinks still queued and sends
+//! them with the rmdir last, in one `Remove`, without waiting for those already in flight (sent
+//! again after them in the rare case the server ran it first and found the directory not empty):
+//! the directory of an `rm -rf` costs one round trip, not one for the unlinks and one for the rmdir.
+//!
+//! An older server that does not know `Remove` (PROTOCOL.md, "Batched removes") gets single
+//! `Unlink`s, all in flight at once, and a plain `Rmdir`, as before.
 
 use fuser::INodeNo;
-use homefs_shared::{ErrorCode, FileKind, WirePath};
+use homefs_shared::{ErrorCode, FileKind, RemoveItem, RemoveKind, WireError, WirePath};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::runtime::Handle;
 use tokio::sync::OwnedSemaphorePermit;
@@ -35,8 +52,15 @@ use super::ops::{errno, Remote, R};
 pub const WAIT_FOR_UNLINKS: Duration = Duration::from_secs(90);
 /// How long an `unlink` waits for room among the unlinks in flight before it goes synchronously.
 const WAIT_FOR_SLOT: Duration = Duration::from_secs(30);
-/// Sends of one unlink at most (a lost connection fails a non-idempotent request with EIO).
+/// Sends of one unlink (or batch) at most (a lost connection fails a non-idempotent request with EIO).
 const ATTEMPTS: u32 = 2;
+/// Batches in flight at once. A second goes only when a whole [`MAX_BATCH`] has gathered while the
+/// first is in flight: sending whatever is queued as soon as anything is would, on a fast link,
+/// send most unlinks alone (measured: `rm -rf` of 5,000 files on loopback sent 3,654 batches with
+/// two in flight at any size), and the batches would save nothing.
+pub const MAX_BATCHES_IN_FLIGHT: usize = 2;
+/// Unlinks in one `Remove`: with two batches in flight, all of [`super::cache::MAX_UNLINKS_BEHIND`].
+pub const MAX_BATCH: usize = 128;
 
 /// Whether the pending unlink of `name` in `dir` is `path` or below it (without joining them:
 /// this runs over every pending unlink).
@@ -49,6 +73,87 @@ fn pending_within(dir: &WirePath, name: &[u8], path: &WirePath) -> bool {
     let mut joined = head.iter().chain(sep).chain(name).copied();
     // `path` is a prefix of `dir/name` that ends at a component's end.
     path.as_bytes().iter().all(|b| joined.next() == Some(*b)) && matches!(joined.next(), None | Some(b'/'))
+}
+
+/// One unlink answered behind, until the server answered it: its place among the unlinks in
+/// flight goes with it.
+#[derive(Debug)]
+struct Behind {
+    parent: u64,
+    name: Vec<u8>,
+    path: WirePath,
+    _permit: OwnedSemaphorePermit,
+}
+
+/// Unlinks answered behind and not yet sent, and how many batches are in flight.
+#[derive(Debug, Default)]
+pub struct Outbox {
+    /// Guards `queued` and `in_flight` together: an unlink queued while `in_flight` is at its
+    /// bound is sent by one of the batches in flight when it is answered.
+    state: Mutex<OutboxState>,
+}
+
+#[derive(Debug, Default)]
+struct OutboxState {
+    queued: VecDeque<Behind>,
+    in_flight: usize,
+}
+
+impl Outbox {
+    fn lock(&self) -> std::sync::MutexGuard<'_, OutboxState> {
+        // A panic while holding this lock leaves the queue consistent (push/drain only).
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Queues `b`; returns a batch to send now (and counts it in flight) when none is in flight,
+    /// or a whole [`MAX_BATCH`] gathered and fewer than [`MAX_BATCHES_IN_FLIGHT`] are.
+    fn push(&self, b: Behind) -> Option<Vec<Behind>> {
+        let mut s = self.lock();
+        s.queued.push_back(b);
+        let full = s.queued.len() >= MAX_BATCH && s.in_flight < MAX_BATCHES_IN_FLIGHT;
+        if s.in_flight > 0 && !full {
+            return None;
+        }
+        s.in_flight += 1;
+        Some(Self::take_batch(&mut s))
+    }
+
+    /// After a batch was answered: the next one to send, or `None` (and one fewer in flight)
+    /// when nothing is queued.
+    fn next(&self) -> Option<Vec<Behind>> {
+        let mut s = self.lock();
+        if s.queued.is_empty() {
+            s.in_flight -= 1;
+            return None;
+        }
+        Some(Self::take_batch(&mut s))
+    }
+
+    fn take_batch(s: &mut OutboxState) -> Vec<Behind> {
+        let n = s.queued.len().min(MAX_BATCH);
+        s.queued.drain(..n).collect()
+    }
+
+    /// Takes the queued unlinks at or below `dir` (an rmdir sends them itself).
+    fn take_within(&self, dir: &WirePath) -> Vec<Behind> {
+        let mut s = self.lock();
+        if s.queued.is_empty() {
+            return Vec::new();
+        }
+        let (mine, rest): (VecDeque<Behind>, VecDeque<Behind>) =
+            std::mem::take(&mut s.queued).into_iter().partition(|b| is_within(&b.path, dir));
+        s.queued = rest;
+        mine.into()
+    }
+}
+
+/// Whether `path` is `dir` or below it.
+fn is_within(path: &WirePath, dir: &WirePath) -> bool {
+    if dir.is_root() {
+        return true;
+    }
+    let (p, d) = (path.as_bytes(), dir.as_bytes());
+    p.starts_with(d) && (p.len() == d.len() || p[d.len()] == b'/')
 }
 
 impl Remote {
@@ -97,7 +202,8 @@ impl Remote {
         true
     }
 
-    /// Records the unlink of `path` as done here and sends it in the background.
+    /// Records the unlink of `path` as done here and queues it (sending a batch at once when
+    /// [`Outbox::push`] says so).
     fn start_behind(
         self: &Arc<Self>,
         rt: &Handle,
@@ -110,12 +216,20 @@ impl Remote {
         self.dir_touched(parent);
         self.inodes.unlinked_ino(ino, &path);
         self.hits.unlink_behind.fetch_add(1, Ordering::Relaxed);
-        let me = self.clone();
-        let name = name.to_vec();
-        rt.spawn(async move {
-            me.unlink_in_background(parent, &name, &path).await;
-            drop(permit);
-        });
+        let behind = Behind { parent, name: name.to_vec(), path, _permit: permit };
+        if let Some(batch) = self.cache.outbox.push(behind) {
+            let me = self.clone();
+            rt.spawn(async move {
+                let mut batch = batch;
+                loop {
+                    me.send_unlinks(batch).await;
+                    match me.cache.outbox.next() {
+                        Some(next) => batch = next,
+                        None => break,
+                    }
+                }
+            });
+        }
     }
 
     /// The FUSE inode of `path` if the cache knows it as a non-directory with no handle open on
@@ -133,26 +247,139 @@ impl Remote {
         }
     }
 
-    /// The unlink answered already: sent, retried once if the connection was lost, and its
-    /// failure undone in the caches.
-    async fn unlink_in_background(&self, parent: u64, name: &[u8], path: &WirePath) {
-        let mut result = self.client.unlink(path).await;
-        for _ in 1..ATTEMPTS {
-            match &result {
-                Err(e) if e.code == ErrorCode::Io => result = self.client.unlink(path).await,
-                _ => break,
+    /// Sends a batch of unlinks answered already (one `Remove`, or single `Unlink`s to an older
+    /// server), and settles each in the caches.
+    async fn send_unlinks(&self, batch: Vec<Behind>) {
+        if !self.client.has_remove() {
+            return self.send_singly(batch).await;
+        }
+        let items = batch.iter().map(|b| RemoveItem { path: b.path.clone(), kind: RemoveKind::File }).collect();
+        match self.remove_retried(items).await {
+            Ok((results, _)) => {
+                for (b, r) in batch.into_iter().zip(results) {
+                    self.unlink_settled(b, r);
+                }
+            }
+            Err(_) if !self.client.has_remove() => self.send_singly(batch).await,
+            Err(e) => {
+                for b in batch {
+                    self.unlink_settled(b, Err(e.clone()));
+                }
             }
         }
+    }
+
+    /// `Remove` of `items`, sent again once after a lost connection. Returns the results and
+    /// whether they came from a second send (an item already removed by the first then answers
+    /// `NotFound`).
+    async fn remove_retried(&self, items: Vec<RemoveItem>) -> Result<(Vec<Result<(), WireError>>, bool), WireError> {
+        match self.client.remove_sent(items.clone()).await {
+            // One more send (ATTEMPTS in all), unless the client found an older server.
+            Err(e) if e.code == ErrorCode::Io && self.client.has_remove() => {
+                self.client.remove_sent(items).await.map(|(r, _)| (r, true))
+            }
+            other => other,
+        }
+    }
+
+    /// Single `Unlink`s, all in flight at once (an older server).
+    async fn send_singly(&self, batch: Vec<Behind>) {
+        let sends = batch.into_iter().map(|b| async move {
+            let mut result = self.client.unlink(&b.path).await;
+            for _ in 1..ATTEMPTS {
+                match &result {
+                    Err(e) if e.code == ErrorCode::Io => result = self.client.unlink(&b.path).await,
+                    _ => break,
+                }
+            }
+            self.unlink_settled(b, result);
+        });
+        futures::future::join_all(sends).await;
+    }
+
+    /// The server's answer to an unlink answered behind: done (or already gone), or failed, and
+    /// then its name comes back.
+    fn unlink_settled(&self, b: Behind, result: Result<(), WireError>) {
         match result {
-            Ok(()) => self.cache.unlink_answered(path, true),
+            Ok(()) => self.cache.unlink_answered(&b.path, true),
             Err(e) if e.code == ErrorCode::NotFound => {
-                tracing::debug!(path = %path, "unlink answered behind: already gone");
-                self.cache.unlink_answered(path, true);
+                tracing::debug!(path = %b.path, "unlink answered behind: already gone");
+                self.cache.unlink_answered(&b.path, true);
             }
             Err(e) => {
-                tracing::warn!(path = %path, error = %e, errno = ?errno(&e), "an unlink answered behind failed; the name is back");
-                self.cache.unlink_answered(path, false);
-                self.forget_in_kernel(parent, name);
+                tracing::warn!(path = %b.path, error = %e, errno = ?errno(&e), "an unlink answered behind failed; the name is back");
+                self.cache.unlink_answered(&b.path, false);
+                self.forget_in_kernel(b.parent, &b.name);
+            }
+        }
+    }
+
+    /// `rmdir` of `path` on the server, with its unlinks still queued in the same `Remove` (the
+    /// rmdir last; its result is the answer). Its unlinks already in flight are not waited for:
+    /// the server has them first and most often runs them first, but it runs the requests of a
+    /// session in no set order, so when the rmdir finds the directory not empty while some were
+    /// in flight, it is sent once more after their answers.
+    ///
+    /// # Errors
+    /// The rmdir's: `NotEmpty` when a file of it is still there (an unlink of it failed, or
+    /// another client made one), or the connection's.
+    pub async fn rmdir_after_unlinks(&self, path: &WirePath) -> Result<(), WireError> {
+        let taken = self.cache.outbox.take_within(path);
+        let mut held: HashMap<WirePath, HashSet<Vec<u8>>> = HashMap::new();
+        for b in &taken {
+            if let Some((dir, name)) = b.path.split_last() {
+                held.entry(dir).or_default().insert(name.to_vec());
+            }
+        }
+        let others =
+            |d: &WirePath, n: &[u8]| pending_within(d, n, path) && !held.get(d).is_some_and(|names| names.contains(n));
+        if !self.client.has_remove() {
+            self.wait_for_unlinks(others).await;
+            self.send_singly(taken).await;
+            return self.client.rmdir(path).await;
+        }
+        let in_flight = self.cache.unlinks_pending(others);
+        match self.rmdir_with(taken, path).await {
+            Err(e) if e.code == ErrorCode::NotEmpty && in_flight => {
+                tracing::debug!(path = %path, "rmdir ran before its unlinks in flight: sent again after them");
+                self.wait_for_unlinks_within(path).await;
+                self.client.rmdir(path).await
+            }
+            other => other,
+        }
+    }
+
+    /// `rmdir` of `path` after the unlinks `taken` in one `Remove` (a plain `Rmdir` when there
+    /// are none); to a server that refuses `Remove`, single unlinks and then the rmdir.
+    async fn rmdir_with(&self, taken: Vec<Behind>, path: &WirePath) -> Result<(), WireError> {
+        if taken.is_empty() {
+            return self.client.rmdir(path).await;
+        }
+        let mut items: Vec<RemoveItem> =
+            taken.iter().map(|b| RemoveItem { path: b.path.clone(), kind: RemoveKind::File }).collect();
+        items.push(RemoveItem { path: path.clone(), kind: RemoveKind::Dir });
+        match self.remove_retried(items).await {
+            Ok((mut results, again)) => {
+                let removed = results.pop().unwrap_or_else(|| Err(WireError::new(ErrorCode::Protocol, "no result")));
+                for (b, r) in taken.into_iter().zip(results) {
+                    self.unlink_settled(b, r);
+                }
+                match removed {
+                    // Sent twice: the first send may have removed it.
+                    Err(e) if again && e.code == ErrorCode::NotFound => Ok(()),
+                    other => other,
+                }
+            }
+            Err(_) if !self.client.has_remove() => {
+                self.send_singly(taken).await;
+                self.wait_for_unlinks_within(path).await;
+                self.client.rmdir(path).await
+            }
+            Err(e) => {
+                for b in taken {
+                    self.unlink_settled(b, Err(e.clone()));
+                }
+                Err(e)
             }
         }
     }
