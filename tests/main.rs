@@ -21,3 +21,4 @@ mod netcp_shell;
 mod ops;
 mod quota;
 mod review5;
+mod review6;

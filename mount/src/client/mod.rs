@@ -335,6 +335,22 @@ impl Client {
         unreachable!("the loop returns by its attempt limit at the latest")
     }
 
+    /// One attempt of `request` (no handles in it) on the current connection; on failure, also
+    /// whether it was written and then lost (the server may have read it).
+    async fn exec_written(&self, request: Request) -> Result<(Response, Bytes, u64), (WireError, bool)> {
+        let _permit = self.inner.in_flight.acquire().await.expect("the in-flight semaphore is never closed");
+        let wait = self.inner.reconnect_timeout;
+        let deadline = tokio::time::Instant::now() + wait;
+        let conn = self.inner.mux.conn(deadline, wait).await.map_err(|e| (e, false))?;
+        self.inner.counts.count(&request);
+        match conn.request(request, Bytes::new()).await {
+            Ok((Ok(resp), data)) => Ok((resp, data, conn.epoch)),
+            Ok((Err(e), _)) => Err((e, false)),
+            Err(SendError::Lost) => Err((lost_error(SendError::Lost), true)),
+            Err(e) => Err((lost_error(e), false)),
+        }
+    }
+
     /// The request with client handles replaced by the server's handles on `conn`.
     async fn translate(&self, conn: &Arc<Conn>, request: &Request) -> Result<Request, Attempt> {
         let mut r = request.clone();
@@ -861,20 +877,30 @@ impl Client {
         }
         let n = items.len();
         let request = Request::Remove { items };
-        let mut answer = self.exec(request.clone(), Bytes::new()).await;
         let mut again = false;
-        // Lost before the server ever answered a Remove: an older server closes the connection on
-        // a request it cannot decode. Once more on the next connection tells that from a loss.
-        if matches!(&answer, Err(e) if e.code == ErrorCode::Io)
-            && self.inner.removes.load(Ordering::Relaxed) == BATCH_UNKNOWN
-        {
-            answer = self.exec(request, Bytes::new()).await;
-            again = true;
-            if matches!(&answer, Err(e) if e.code == ErrorCode::Io) {
-                tracing::info!("the server closed the connection on a Remove twice: single unlinks from now on");
-                self.inner.removes.store(BATCH_NO, Ordering::Relaxed);
+        let answer = if self.inner.removes.load(Ordering::Relaxed) == BATCH_UNKNOWN {
+            // An older server closes the connection on a Remove it cannot decode: only
+            // a Remove written and then lost counts, twice in a row, not a connection that never
+            // came back in time (the server down).
+            match self.exec_written(request.clone()).await {
+                Err((_, true)) => {
+                    again = true;
+                    match self.exec_written(request).await {
+                        Err((e, true)) => {
+                            tracing::info!(
+                                "the server closed the connection on a Remove twice: single unlinks from now on"
+                            );
+                            self.inner.removes.store(BATCH_NO, Ordering::Relaxed);
+                            Err(e)
+                        }
+                        other => other.map_err(|(e, _)| e),
+                    }
+                }
+                other => other.map_err(|(e, _)| e),
             }
-        }
+        } else {
+            self.exec(request, Bytes::new()).await
+        };
         match answer {
             Ok((Response::Removed { results }, _, _)) if results.len() == n => {
                 self.inner.removes.store(BATCH_YES, Ordering::Relaxed);

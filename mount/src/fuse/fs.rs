@@ -594,7 +594,7 @@ impl Filesystem for HomeFs {
         let cache_dir = !self.ttl().is_zero();
         self.spawn("opendir", move |r| async move {
             match r.opendir(ino.0).await {
-                Ok((fh, keep)) if cache_dir => {
+                Ok((fh, Some(keep))) if cache_dir => {
                     let flags = if keep {
                         FopenFlags::FOPEN_CACHE_DIR | FopenFlags::FOPEN_KEEP_CACHE
                     } else {

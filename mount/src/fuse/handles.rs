@@ -12,7 +12,11 @@
 //! kernel's copy unknown, and the next `opendir` drops it. A copy is kept at most one cache TTL
 //! after it was filled: the names and attributes `readdirplus` gave with it expire then, and a
 //! fresh `readdirplus` renews them all at once (else `ls -l` would ask for each entry's attributes
-//! one by one). `dbench` opens an unchanged directory
+//! one by one). Every stream of a directory reads that one copy, at offsets that are positions:
+//! an `opendir` while a stream of another listing of the directory is still open answers no
+//! `FOPEN_CACHE_DIR` (else the old stream would continue at its offset in the new copy, skipping
+//! or repeating entries); without `FOPEN_KEEP_CACHE` the kernel still drops its copy, and the old
+//! stream reads its own snapshot from us. `dbench` opens an unchanged directory
 //! four times in five (its name resolution lists the directory for every absent name): each such
 //! listing is then read from the kernel's memory, with no `readdirplus` request.
 //!
@@ -90,22 +94,31 @@ impl Handles {
     /// Keeps a snapshot; returns its handle and whether the kernel may keep the listing it has
     /// of the directory (it is this snapshot's, filled less than `ttl` ago). If not, the kernel
     /// drops it at this `opendir`, and this snapshot's becomes the one it keeps.
-    pub fn open_dir(&self, snapshot: DirSnapshot, ttl: Duration) -> (u64, bool) {
+    pub fn open_dir(&self, snapshot: DirSnapshot, ttl: Duration) -> (u64, Option<bool>) {
+        let mut dirs = self.dirs.lock().unwrap_or_else(|p| p.into_inner());
+        // Another stream of this directory reads another listing: the kernel's copy is shared by
+        // every stream, and their offsets are positions; this one is not cached.
+        let other = dirs.values().any(|d| d.ino == snapshot.ino && d.fingerprint != snapshot.fingerprint);
         let keep = {
             let mut kept = self.kernel_listings.lock().unwrap_or_else(|p| p.into_inner());
-            let keep = kept
-                .get(&snapshot.ino)
-                .is_some_and(|(fp, filled)| *fp == snapshot.fingerprint && filled.elapsed() < ttl);
-            if !keep {
-                if kept.len() >= MAX_KERNEL_LISTINGS {
-                    kept.clear();
+            if other {
+                kept.remove(&snapshot.ino);
+                None
+            } else {
+                let keep = kept
+                    .get(&snapshot.ino)
+                    .is_some_and(|(fp, filled)| *fp == snapshot.fingerprint && filled.elapsed() < ttl);
+                if !keep {
+                    if kept.len() >= MAX_KERNEL_LISTINGS {
+                        kept.clear();
+                    }
+                    kept.insert(snapshot.ino, (snapshot.fingerprint, Instant::now()));
                 }
-                kept.insert(snapshot.ino, (snapshot.fingerprint, Instant::now()));
+                Some(keep)
             }
-            keep
         };
         let fh = self.next_dir.fetch_add(1, Ordering::Relaxed) + 1;
-        self.dirs.lock().unwrap_or_else(|p| p.into_inner()).insert(fh, Arc::new(snapshot));
+        dirs.insert(fh, Arc::new(snapshot));
         (fh, keep)
     }
 
@@ -222,8 +235,18 @@ mod tests {
     }
 
     impl Handles {
+        /// Opens `snapshot` within a long TTL: its handle and whether the kernel keeps its copy
+        /// (false as well when it is not to cache the listing at all).
         fn open_dir_for_a_while(&self, snapshot: DirSnapshot) -> (u64, bool) {
-            self.open_dir(snapshot, Duration::from_secs(3600))
+            let (fh, keep) = self.open_dir(snapshot, Duration::from_secs(3600));
+            (fh, keep.unwrap_or(false))
+        }
+
+        /// As `ls` does: opendir, then releasedir; whether the kernel kept its copy.
+        fn ls(&self, snapshot: DirSnapshot) -> bool {
+            let (fh, keep) = self.open_dir_for_a_while(snapshot);
+            self.close_dir(fh);
+            keep
         }
     }
 
@@ -236,21 +259,21 @@ mod tests {
     #[test]
     fn the_kernel_keeps_a_listing_only_while_it_is_the_same() {
         let h = Handles::new();
-        let (_, keep) = h.open_dir_for_a_while(snapshot(5, &[("a", 10), ("b", 11)]));
+        let keep = h.ls(snapshot(5, &[("a", 10), ("b", 11)]));
         assert!(!keep, "first opendir: the kernel has nothing of ours to keep");
-        let (_, keep) = h.open_dir_for_a_while(snapshot(5, &[("a", 10), ("b", 11)]));
+        let keep = h.ls(snapshot(5, &[("a", 10), ("b", 11)]));
         assert!(keep, "same listing: the kernel's copy is it");
-        let (_, keep) = h.open_dir_for_a_while(snapshot(6, &[("a", 10), ("b", 11)]));
+        let keep = h.ls(snapshot(6, &[("a", 10), ("b", 11)]));
         assert!(!keep, "another directory");
         for changed in
             [vec![("a", 10)], vec![("a", 10), ("c", 11)], vec![("a", 10), ("b", 12)], vec![("b", 11), ("a", 10)]]
         {
-            let (_, keep) = h.open_dir_for_a_while(snapshot(5, &changed));
+            let keep = h.ls(snapshot(5, &changed));
             assert!(!keep, "changed listing {changed:?}: the kernel drops its copy");
-            let (_, keep) = h.open_dir_for_a_while(snapshot(5, &[("a", 10), ("b", 11)]));
+            let keep = h.ls(snapshot(5, &[("a", 10), ("b", 11)]));
             assert!(!keep, "changed back: the kernel's copy is the changed one");
         }
-        let (_, keep) = h.open_dir_for_a_while(snapshot(5, &[("a", 10), ("b", 11)]));
+        let keep = h.ls(snapshot(5, &[("a", 10), ("b", 11)]));
         assert!(keep);
     }
 
@@ -258,27 +281,47 @@ mod tests {
     fn a_kept_listing_is_renewed_after_one_ttl() {
         let h = Handles::new();
         let (_, keep) = h.open_dir(snapshot(5, &[("a", 10)]), Duration::ZERO);
-        assert!(!keep);
+        assert_eq!(keep, Some(false));
         let (_, keep) = h.open_dir(snapshot(5, &[("a", 10)]), Duration::ZERO);
-        assert!(!keep, "filled a TTL ago or more: the kernel reads it again, attributes with it");
+        assert_eq!(keep, Some(false), "filled a TTL ago or more: the kernel reads it again, attributes with it");
         let (_, keep) = h.open_dir(snapshot(5, &[("a", 10)]), Duration::from_secs(3600));
-        assert!(keep, "filled (again) by the previous opendir, within the TTL");
+        assert_eq!(keep, Some(true), "filled (again) by the previous opendir, within the TTL");
     }
 
     #[test]
     fn serving_an_older_snapshot_makes_the_kernels_copy_unknown() {
         let h = Handles::new();
-        let (old, _) = h.open_dir_for_a_while(snapshot(5, &[("a", 10)]));
-        let (new, _) = h.open_dir_for_a_while(snapshot(5, &[("a", 10), ("b", 11)]));
-        h.serving_dir(&h.dir(new).expect("open"));
-        let (_, keep) = h.open_dir_for_a_while(snapshot(5, &[("a", 10), ("b", 11)]));
-        assert!(keep, "served only the remembered snapshot");
-        h.serving_dir(&h.dir(old).expect("open"));
-        let (_, keep) = h.open_dir_for_a_while(snapshot(5, &[("a", 10), ("b", 11)]));
-        assert!(!keep, "the old handle may have filled the kernel's copy");
+        let (fh, _) = h.open_dir_for_a_while(snapshot(5, &[("a", 10), ("b", 11)]));
+        h.serving_dir(&h.dir(fh).expect("open"));
+        assert!(h.ls(snapshot(5, &[("a", 10), ("b", 11)])), "served only the remembered snapshot");
+        // A snapshot served that is not the remembered one (a handle opened before a change).
+        let other = h.open_dir_for_a_while(snapshot(5, &[("a", 10)])).0;
+        h.close_dir(fh);
+        h.serving_dir(&h.dir(other).expect("open"));
+        h.close_dir(other);
+        assert!(!h.ls(snapshot(5, &[("a", 10), ("b", 11)])), "the other handle may have filled the kernel's copy");
         h.forget_kernel_listing(5);
-        let (_, keep) = h.open_dir_for_a_while(snapshot(5, &[("a", 10), ("b", 11)]));
-        assert!(!keep, "forgotten");
+        assert!(!h.ls(snapshot(5, &[("a", 10), ("b", 11)])), "forgotten");
+    }
+
+    /// Every stream of a directory reads the kernel's one copy, at offsets that are positions: a
+    /// listing is not cached while a stream of another listing of the directory is open (it would
+    /// continue at its offset in the new copy, skipping or repeating entries).
+    #[test]
+    fn a_listing_is_not_cached_while_a_stream_of_another_listing_is_open() {
+        let h = Handles::new();
+        let (old, _) = h.open_dir_for_a_while(snapshot(5, &[("a", 10), ("b", 11)]));
+        let (same, keep) = h.open_dir(snapshot(5, &[("a", 10), ("b", 11)]), Duration::from_secs(3600));
+        assert_eq!(keep, Some(true), "the same listing: shared safely");
+        let (new, keep) = h.open_dir(snapshot(5, &[("b", 11)]), Duration::from_secs(3600));
+        assert_eq!(keep, None, "another listing while the old streams are open: not cached");
+        let (_, keep) = h.open_dir(snapshot(6, &[("a", 10)]), Duration::from_secs(3600));
+        assert_eq!(keep, Some(false), "another directory is not concerned");
+        h.close_dir(old);
+        h.close_dir(same);
+        let (_, keep) = h.open_dir(snapshot(5, &[("b", 11)]), Duration::from_secs(3600));
+        assert_eq!(keep, Some(false), "the old streams closed: cached again, the kernel's copy dropped first");
+        h.close_dir(new);
     }
 
     #[test]

@@ -685,7 +685,7 @@ impl Remote {
     /// stable offsets: from the cache when it holds the listing (no round trip), else from the
     /// server (one round trip per page), which the cache then keeps. Returns the handle and
     /// whether the kernel may keep the listing it has of the directory (`handles.rs`).
-    pub async fn opendir(self: &Arc<Self>, ino: u64) -> R<(u64, bool)> {
+    pub async fn opendir(self: &Arc<Self>, ino: u64) -> R<(u64, Option<bool>)> {
         let path = self.path(ino)?;
         let created = self.created_in(&path);
         let mut cached = self.cache.listing(&path);
