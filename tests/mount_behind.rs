@@ -2,11 +2,10 @@
 //! background, and what depends on it (rmdir, df, a re-create of the name, unmount) still sees it
 //! done; a failed one brings the name back; an open file's unlink keeps its handle working.
 
-use homefs_tests::mount::{delta, fuse_available, names_on_server, LoggedMount, PASSWORD};
+use homefs_tests::mount::{delta, fuse_available, names_on_server, Immutable, LoggedMount, PASSWORD};
 use homefs_tests::TestServer;
 use std::fs;
 use std::path::Path;
-use std::process::Command;
 
 fn logged_alice(name: &str, quota: Option<&str>, prepare: impl FnOnce(&Path)) -> Option<(TestServer, LoggedMount)> {
     if !fuse_available(name) {
@@ -96,19 +95,16 @@ fn mount_a_failed_unlink_behind_brings_the_name_back_with_its_data() {
         return;
     };
     let d = server.home_path("alice").join("d");
-    let chattr = |flag: &str| Command::new("chattr").arg(flag).arg(d.join("f1")).output();
-    match chattr("+i") {
-        Ok(o) if o.status.success() => {}
-        other => {
-            eprintln!("mount_a_failed_unlink_behind_brings_the_name_back_with_its_data: skipped: chattr +i: {other:?}");
-            return;
-        }
-    }
+    let Some(immutable) =
+        Immutable::set("mount_a_failed_unlink_behind_brings_the_name_back_with_its_data", &d.join("f1"))
+    else {
+        return;
+    };
     m.sh_ok("ls -l d > /dev/null");
     let c0 = m.counts();
     // rm is answered before the server refuses; the rmdir after it finds the directory not empty.
     let out = m.sh_ok("rm d/f0 d/f1 d/f2; rmdir d 2> err; cat err; ls d");
-    let _ = chattr("-i");
+    drop(immutable);
     let c1 = m.counts();
     assert_eq!(delta(&c0, &c1, "unlink"), 0, "{c1:?}");
     assert!((1..=3).contains(&delta(&c0, &c1, "remove")), "the 3 unlinks in 1 to 3 batches: {c1:?}");

@@ -509,3 +509,26 @@ pub fn names_on_server(dir: &Path) -> Vec<String> {
     v.sort();
     v
 }
+
+/// A file on the server's disk made immutable (`chattr +i`), so that the server's unlink of it
+/// fails; made mutable again on drop.
+pub struct Immutable(PathBuf);
+
+impl Immutable {
+    /// `None`, with the reason printed for `test`, where the file system cannot.
+    pub fn set(test: &str, path: &Path) -> Option<Immutable> {
+        match Command::new("chattr").arg("+i").arg(path).output() {
+            Ok(o) if o.status.success() => Some(Immutable(path.to_path_buf())),
+            other => {
+                eprintln!("{test}: skipped: chattr +i: {other:?}");
+                None
+            }
+        }
+    }
+}
+
+impl Drop for Immutable {
+    fn drop(&mut self) {
+        let _ = Command::new("chattr").arg("-i").arg(&self.0).output();
+    }
+}
