@@ -8,6 +8,7 @@ mod mount_create;
 mod mount_create_review;
 mod mount_dbench;
 mod mount_fsx;
+mod mount_listing;
 mod mount_model;
 mod mount_multi;
 mod mount_reads;

@@ -234,6 +234,12 @@ impl AttrCache {
         self.generation.load(Ordering::Acquire)
     }
 
+    /// Whether `dir`'s entries may have changed since `generation` (a change through this mount
+    /// in it, an unlink in it pending, or a change notice).
+    pub fn changed_since(&self, dir: &WirePath, generation: u64) -> bool {
+        self.lock().stale(Some(dir), generation)
+    }
+
     fn bump(&self) -> u64 {
         self.generation.fetch_add(1, Ordering::AcqRel) + 1
     }

@@ -451,6 +451,12 @@ impl Remote {
     /// `lookup` of a pending file on the caller's thread: `None` when `path` is not pending,
     /// `Some(None)` when it is busy (the waiting way: [`Remote::created_entry`]).
     pub fn created_entry_now(&self, path: &WirePath) -> Option<Option<Entry>> {
+        self.created_attr_at(path).map(|a| a.map(|a| self.known(path, &a)))
+    }
+
+    /// The attributes of the file pending at `path`, on the caller's thread: `None` when none
+    /// is, `Some(None)` when it is being stored.
+    pub fn created_attr_at(&self, path: &WirePath) -> Option<Option<Attr>> {
         if !self.creates.any_pending() {
             return None;
         }
@@ -458,7 +464,7 @@ impl Remote {
         match peek(&c) {
             Peek::Not => None,
             Peek::Busy => Some(None),
-            Peek::Pending(a) => Some(Some(self.known(path, &a))),
+            Peek::Pending(a) => Some(Some(a)),
         }
     }
 

@@ -25,6 +25,7 @@ use tokio::runtime::Handle;
 
 use super::attr::{file_type, set_time, BLOCK_SIZE};
 use super::inodes::is_provisional;
+use super::listed::Listed;
 use super::ops::{lock_spec, Entry, Remote};
 
 /// Reads and writes of 1 MiB (`max_write`, and readahead as far as the kernel allows).
@@ -648,20 +649,34 @@ impl Filesystem for HomeFs {
             }
             index += 1;
         }
+        // Changed since the snapshot: each entry as it is now (listed.rs).
+        let changed = self.remote.cache.changed_since(&dir_path, dir.generation);
         for (i, e) in dir.entries.iter().enumerate().skip(index - 2) {
             let Ok(path) = dir_path.join(&e.name) else { continue };
-            let ino = self.remote.inodes.fuse_ino(e.attr.ino);
+            let (now, entry_ttl) = match changed.then(|| self.remote.listed_now(&path, &e.attr)) {
+                None => (Some(e.attr), ttl),
+                Some(Listed::Now(a)) => (Some(a), ttl),
+                Some(Listed::Unsure) => (Some(e.attr), Duration::ZERO),
+                Some(Listed::Gone) => (None, ttl),
+            };
+            let ino = now.map_or(0, |a| self.remote.inodes.fuse_ino(a.ino));
             if dir.inos.get(i) != Some(&ino) {
-                // Numbered otherwise since the snapshot (a file created behind was stored): the
-                // listing the kernel keeps is not the snapshot's.
+                // Numbered otherwise since the snapshot (a file created behind was stored, a name
+                // gone or replaced): the listing the kernel keeps is not the snapshot's.
                 self.remote.handles.forget_kernel_listing(dir.ino);
             }
-            let attr = owner.file_attr(ino, &e.attr);
-            if reply.add(INodeNo(ino), i as u64 + 3, OsStr::from_bytes(&e.name), &ttl, &attr, Generation(0)) {
+            // Inode 0: no dentry (and `readdir(3)` skips the entry).
+            let attr = match now {
+                Some(a) => owner.file_attr(ino, &a),
+                None => FileAttr { ino: INodeNo(0), kind: file_type(e.attr.kind), ..negative_attr() },
+            };
+            if reply.add(INodeNo(ino), i as u64 + 3, OsStr::from_bytes(&e.name), &entry_ttl, &attr, Generation(0)) {
                 break;
             }
-            // Added: the kernel counts this as a lookup of the entry.
-            self.remote.inodes.remember(&path, &e.attr);
+            // Added with a dentry: the kernel counts this as a lookup of the entry.
+            if let Some(a) = now {
+                self.remote.inodes.remember(&path, &a);
+            }
         }
         reply.ok();
     }

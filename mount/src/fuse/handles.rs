@@ -43,13 +43,17 @@ pub struct DirSnapshot {
     pub inos: Vec<u64>,
     /// Of everything `readdir` gives the kernel from this snapshot (see [`fingerprint`]).
     pub fingerprint: u64,
+    /// The cache's generation before the listing was taken: a change in the directory since
+    /// makes `readdirplus` check each entry (`listed.rs`).
+    pub generation: u64,
 }
 
 impl DirSnapshot {
-    /// A snapshot of directory `ino` whose entries have the FUSE inodes `inos`.
-    pub fn new(ino: u64, parent_ino: u64, entries: Vec<DirEntry>, inos: Vec<u64>) -> DirSnapshot {
+    /// A snapshot of directory `ino` whose entries have the FUSE inodes `inos`, taken at the
+    /// cache's `generation`.
+    pub fn new(ino: u64, parent_ino: u64, entries: Vec<DirEntry>, inos: Vec<u64>, generation: u64) -> DirSnapshot {
         let fingerprint = fingerprint(ino, parent_ino, &entries, &inos);
-        DirSnapshot { ino, parent_ino, entries, inos, fingerprint }
+        DirSnapshot { ino, parent_ino, entries, inos, fingerprint, generation }
     }
 }
 
@@ -253,7 +257,7 @@ mod tests {
     fn snapshot(dir: u64, names: &[(&str, u64)]) -> DirSnapshot {
         let entries: Vec<_> = names.iter().map(|(n, i)| entry(n, *i)).collect();
         let inos = names.iter().map(|(_, i)| *i).collect();
-        DirSnapshot::new(dir, dir, entries, inos)
+        DirSnapshot::new(dir, dir, entries, inos, 0)
     }
 
     #[test]
@@ -327,8 +331,8 @@ mod tests {
     #[test]
     fn dir_handles_are_distinct() {
         let h = Handles::new();
-        let (a, _) = h.open_dir_for_a_while(DirSnapshot::new(1, 1, vec![], vec![]));
-        let (b, _) = h.open_dir_for_a_while(DirSnapshot::new(2, 1, vec![], vec![]));
+        let (a, _) = h.open_dir_for_a_while(DirSnapshot::new(1, 1, vec![], vec![], 0));
+        let (b, _) = h.open_dir_for_a_while(DirSnapshot::new(2, 1, vec![], vec![], 0));
         assert_ne!(a, b);
         h.close_dir(a);
         assert!(h.dir(a).is_none() && h.dir(b).is_some());

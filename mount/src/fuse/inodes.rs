@@ -208,6 +208,13 @@ impl InodeTable {
         self.lock().get(&ino).is_some_and(|n| n.unlinked)
     }
 
+    /// Whether the kernel's inode `ino`, listed as `path` by a listing taken earlier, is known not
+    /// to be there now: unlinked or replaced at `path` through this mount, or (`one_name`: a
+    /// directory, or a file of one link) known by another name, renamed away.
+    pub fn gone_from(&self, ino: u64, path: &WirePath, one_name: bool) -> bool {
+        self.lock().get(&ino).is_some_and(|n| if n.path == *path { n.unlinked } else { one_name })
+    }
+
     /// The attributes last seen for the inode.
     pub fn last_attr(&self, ino: u64) -> Option<Attr> {
         self.lock().get(&ino).and_then(|n| n.attr)
@@ -415,5 +422,20 @@ mod tests {
         t.exchanged(&p("e/x"), &p("dx"));
         assert_eq!(t.path(3), Some(p("dx")));
         assert_eq!(t.path(4), Some(p("e/x")));
+    }
+
+    #[test]
+    fn gone_from_a_listing_taken_before_unlinks_and_renames() {
+        let t = InodeTable::new(&attr(77));
+        t.remember(&p("a"), &attr(2));
+        t.remember(&p("b"), &attr(3));
+        assert!(!t.gone_from(2, &p("a"), true), "still there");
+        assert!(!t.gone_from(9, &p("z"), true), "unknown to the kernel: not known gone");
+        t.unlinked(&p("a"));
+        assert!(t.gone_from(2, &p("a"), true) && t.gone_from(2, &p("a"), false), "unlinked");
+        t.renamed(&p("b"), &p("c"));
+        assert!(t.gone_from(3, &p("b"), true), "renamed away");
+        assert!(!t.gone_from(3, &p("b"), false), "one of several names: kept");
+        assert!(!t.gone_from(3, &p("c"), true), "its new name");
     }
 }

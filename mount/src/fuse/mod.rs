@@ -11,6 +11,7 @@
 //! - [`unlinks`]: unlink-behind, and what waits for it.
 //! - [`creates`]: create-behind: a new small file stored in one request at its close.
 //! - [`usage`]: `statfs` answered from the last usage figures while nothing moved them.
+//! - [`listed`]: a directory stream read after its directory changed.
 
 pub mod applied;
 pub mod attr;
@@ -20,6 +21,7 @@ pub mod daemon;
 pub mod fs;
 pub mod handles;
 pub mod inodes;
+pub mod listed;
 pub mod mountpoint;
 pub mod notices;
 pub mod ops;

@@ -181,7 +181,7 @@ impl Remote {
 
     /// The FUSE inode of the server's file `server_ino` with writes queued, if any: its own, or
     /// the provisional inode of a file created behind still written through (`creates.rs`).
-    fn writes_pending_on(&self, server_ino: u64) -> Option<u64> {
+    pub(super) fn writes_pending_on(&self, server_ino: u64) -> Option<u64> {
         let own = self.inodes.fuse_ino(server_ino);
         if self.writes.pending(own) {
             return Some(own);
@@ -687,6 +687,7 @@ impl Remote {
     /// whether the kernel may keep the listing it has of the directory (`handles.rs`).
     pub async fn opendir(self: &Arc<Self>, ino: u64) -> R<(u64, Option<bool>)> {
         let path = self.path(ino)?;
+        let taken_at = self.cache.generation();
         let created = self.created_in(&path);
         let mut cached = self.cache.listing(&path);
         if cached.is_none() {
@@ -711,7 +712,7 @@ impl Remote {
         self.read_ahead_siblings(&path);
         let entries = self.with_created(created, entries).await;
         let inos = entries.iter().map(|e| self.inodes.fuse_ino(e.attr.ino)).collect();
-        Ok(self.handles.open_dir(DirSnapshot::new(ino, ino, entries, inos), self.cache.ttl()))
+        Ok(self.handles.open_dir(DirSnapshot::new(ino, ino, entries, inos, taken_at), self.cache.ttl()))
     }
 
     /// `lookup` answered from the cache alone, on the caller's (FUSE) thread: `None` when it
