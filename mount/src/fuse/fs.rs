@@ -665,7 +665,7 @@ impl Filesystem for HomeFs {
                 // gone or replaced): the listing the kernel keeps is not the snapshot's.
                 self.remote.handles.forget_kernel_listing(dir.ino);
             }
-            // Inode 0: no dentry (and `readdir(3)` skips the entry).
+            // Inode 0: listed, with no dentry (listed.rs).
             let attr = match now {
                 Some(a) => owner.file_attr(ino, &a),
                 None => FileAttr { ino: INodeNo(0), kind: file_type(e.attr.kind), ..negative_attr() },

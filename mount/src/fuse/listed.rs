@@ -7,10 +7,11 @@
 //!
 //! So while the directory is unchanged since the snapshot (the cache's generation, the common
 //! case) entries go as they are; after a change each entry is checked against what this mount
-//! knows now ([`Remote::listed_now`]): the current attributes when known, the entry without a
-//! dentry (inode 0, which `readdir(3)` skips: a name removed after `opendir` may or may not be
-//! listed, POSIX) when known gone, and the snapshot's with a TTL of zero (the kernel asks again
-//! at its next use) when unknown.
+//! knows now ([`Remote::listed_now`]): the current attributes when known; when known gone, the
+//! name with inode 0, which the kernel lists without making a dentry (POSIX leaves it open whether
+//! a name removed after `opendir` is listed; a `stat` of it then fails, as for a file removed
+//! between `readdir` and `stat`); and when unknown, the snapshot's with a TTL of zero (the kernel
+//! asks again at its next use).
 
 use homefs_shared::{Attr, FileKind, WirePath};
 
