@@ -69,7 +69,11 @@ fn mount_flock_across_mounts() {
     fs::write(a.join("release"), b"").unwrap();
     let status = holder.wait().unwrap();
     assert!(status.success());
-    b.sh_ok("flock -n lockfile -c true");
+    // The holder's exit releases its flock through the close's FUSE_RELEASE, which the kernel
+    // sends in the background (it does not wait for it): free within moments, not at once.
+    wait_until(Duration::from_secs(10), "A's flock to be released after its holder exited", || {
+        b.sh("flock -n lockfile -c true").status.success()
+    });
     // A blocking flock on B waits for A and then gets the lock.
     a.sh_ok("rm release held");
     let mut holder = Command::new("flock")
