@@ -19,6 +19,7 @@ mod mount_usage;
 mod netcp_copy;
 mod netcp_resume;
 mod netcp_shell;
+mod netcp_tuning;
 mod ops;
 mod quota;
 mod review5;

@@ -30,6 +30,47 @@ pub struct Handle {
     pub notice: WriteNotice,
     /// `preadv2(RWF_NOWAIT)` is refused on this file: reads always go to the blocking pool.
     pub no_nowait: AtomicBool,
+    /// How far the writeback of what this handle wrote front to back was started.
+    pub behind: WriteBehind,
+}
+
+/// Where the writeback of a file written front to back stands (see `file::write`, which starts it
+/// every [`WriteBehind::STEP`] bytes, so that the sync ending a large upload waits for the tail
+/// only). Writes of one file arrive a few at a time and may finish out of order, so the front
+/// (the end of the furthest write) is followed, and only what lies [`WriteBehind::LAG`] behind
+/// it is started: by then every write below it has landed.
+#[derive(Debug, Default)]
+pub struct WriteBehind {
+    /// `(front, started)`: the end of the furthest write so far, and the offset up to which
+    /// writeback was started; `None` before the first write. Held for the arithmetic only.
+    state: Mutex<Option<(u64, u64)>>,
+}
+
+impl WriteBehind {
+    /// Bytes between two writeback starts: as netcp's downloads do (mount/src/copy/writeback.rs);
+    /// a file smaller than this is never started here (its sync writes it).
+    pub const STEP: u64 = 16 << 20;
+    /// How far behind the front writeback starts: more than the writes one client keeps in
+    /// flight (netcp: 16 x 256 KiB), so that a write still on its way does not land in a range
+    /// already started (harmless, but then written twice).
+    pub const LAG: u64 = 8 << 20;
+
+    /// Records a write of `[offset, end)`; returns the range `(offset, len)` whose writeback is
+    /// due now. A write that jumps ahead of the front by more than [`Self::LAG`] starts a new run
+    /// from where it landed (nothing before it is started: it was not written here); writes
+    /// behind the front change nothing.
+    pub fn due(&self, offset: u64, end: u64) -> Option<(u64, u64)> {
+        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        let (front, started) = match *state {
+            Some((front, _)) if offset > front.saturating_add(Self::LAG) => (end, offset),
+            Some((front, started)) => (front.max(end), started),
+            None => (end, offset),
+        };
+        let upto = front.saturating_sub(Self::LAG);
+        let due = (upto >= started.saturating_add(Self::STEP)).then(|| (started, upto - started));
+        *state = Some((front, due.map_or(started, |_| upto)));
+        due
+    }
 }
 
 /// How often a handle that keeps being written is announced: a write-heavy session publishes its
@@ -141,5 +182,44 @@ impl Handles {
     /// Whether no handle is open.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIB: u64 = 1 << 20;
+
+    #[test]
+    fn writeback_is_due_every_step_behind_the_front() {
+        let b = WriteBehind::default();
+        // 1 MiB writes from 0: nothing until the front is a step plus the lag ahead.
+        let mut due = Vec::new();
+        for i in 0..64 {
+            due.extend(b.due(i * MIB, (i + 1) * MIB));
+        }
+        assert_eq!(due, vec![(0, 16 * MIB), (16 * MIB, 16 * MIB), (32 * MIB, 16 * MIB)]);
+        // Late writes behind the front, and a rewrite near the start, change nothing.
+        assert_eq!(b.due(60 * MIB, 61 * MIB), None);
+        assert_eq!(b.due(0, MIB), None);
+        // Out of order within the lag: the front moves with the furthest write.
+        assert_eq!(b.due(71 * MIB, 72 * MIB), Some((48 * MIB, 16 * MIB)));
+        assert_eq!(b.due(64 * MIB, 65 * MIB), None);
+    }
+
+    #[test]
+    fn a_jump_ahead_starts_over_where_it_landed() {
+        let b = WriteBehind::default();
+        // A resumed upload's first write: nothing before it is started.
+        assert_eq!(b.due(100 * MIB, 101 * MIB), None);
+        assert_eq!(b.due(101 * MIB, 123 * MIB), None);
+        assert_eq!(b.due(123 * MIB, 125 * MIB), Some((100 * MIB, 17 * MIB)));
+        // Far ahead (a seek): a new run from there.
+        assert_eq!(b.due(500 * MIB, 501 * MIB), None);
+        assert_eq!(b.due(501 * MIB, 524 * MIB), Some((500 * MIB, 16 * MIB)));
+        // A small file never gets there.
+        let small = WriteBehind::default();
+        assert_eq!(small.due(0, 20 * MIB), None);
     }
 }

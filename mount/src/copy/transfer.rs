@@ -5,9 +5,10 @@
 //! Durability: no file is synced on its own. The caller syncs once at the end of a run (for puts
 //! `Sync` of what the run wrote, see [`super::batch::sync`], or [`sync_remote`] with an older
 //! server; [`sync_local`] for gets) and reports success only after that; resume does not rely
-//! on syncs, as it verifies the partial file's hash before continuing it. A streamed get starts
-//! the writeback of what landed every 16 MiB ([`super::writeback`]), so that the final sync only
-//! waits for the tail.
+//! on syncs, as it verifies the partial file's hash before continuing it. A streamed get of 16 MiB
+//! or more is written around the page cache (O_DIRECT, [`super::writeback::Direct`]); otherwise
+//! (or where O_DIRECT is refused) the writeback of what landed is started every 16 MiB
+//! ([`super::writeback`]); either way the final sync only waits for the tail.
 //!
 //! A get: the client hashes the bytes as they stream (continuing the hash of a verified prefix when
 //! it resumes, see [`super::resume`]) and compares with the server's whole-file checksum. A put:
@@ -576,14 +577,20 @@ async fn get_open(
         } else {
             File::create(&part_path)?
         };
-        // Through the page cache (a file just fetched is often read next, as scp leaves it),
-        // with the writeback of what landed started as the file grows, so that the final sync
-        // waits for the tail only. (O_DIRECT in aligned blocks was tried: 11% less netcp CPU, no
-        // change in wall time, and the file is not left cached: not worth its fallbacks.)
+        // A large file is written around the page cache (see `super::writeback::Direct`: on this
+        // VM, filling the page cache is what made slow rounds slow); a smaller one, or when the
+        // file system refuses O_DIRECT, through the page cache, with the writeback of what landed
+        // started as the file grows, so that the final sync waits for the tail only.
+        let mut direct = (size.saturating_sub(start) >= super::writeback::DIRECT_MIN_BYTES)
+            .then(|| super::writeback::Direct::open(&part_path, start))
+            .flatten();
+        let is_direct = direct.is_some();
         let mut behind = super::writeback::Behind::new(start, super::writeback::STEP);
         let mut written = start;
-        // Where the writer's time goes (debug line below): waiting for chunks, hashing, writing.
+        // Where the writer's time goes (debug line below): waiting for chunks, hashing, writing
+        // (of which starting writeback).
         let (mut waiting, mut hashing, mut writing) = (Duration::ZERO, Duration::ZERO, Duration::ZERO);
+        let mut flushing = Duration::ZERO;
         let mut at = Instant::now();
         while let Some(chunk) = rx.blocking_recv() {
             let got = Instant::now();
@@ -591,15 +598,24 @@ async fn get_open(
             hasher.update(&chunk);
             let hashed = Instant::now();
             hashing += hashed - got;
-            file.write_all(&chunk)?;
-            written += chunk.len() as u64;
-            if let Some((offset, len)) = behind.due(written) {
-                super::writeback::start(&file, offset, len);
+            if let Some(d) = direct.as_mut() {
+                d.write(&chunk)?;
+            } else {
+                file.write_all(&chunk)?;
+                written += chunk.len() as u64;
+                if let Some((offset, len)) = behind.due(written) {
+                    let flush = Instant::now();
+                    super::writeback::start(&file, offset, len);
+                    flushing += flush.elapsed();
+                }
             }
             at = Instant::now();
             writing += at - hashed;
         }
-        tracing::debug!(?waiting, ?hashing, ?writing, "get: local writer");
+        if let Some(d) = direct.take() {
+            d.finish(&file)?;
+        }
+        tracing::debug!(?waiting, ?hashing, ?writing, ?flushing, direct = is_direct, "get: local writer");
         Ok((hasher, file))
     });
 
