@@ -63,3 +63,23 @@ fn mount_listing_a_stream_opened_before_an_unlink_or_a_rename_shows_what_is_ther
     );
     assert_eq!(out, "ok\n");
 }
+
+#[test]
+fn mount_listing_a_directory_removed_while_open_still_answers_fstat() {
+    let name = "mount_listing_a_directory_removed_while_open_still_answers_fstat";
+    let Some((server, m)) = mounted_alice(name, None) else { return };
+    let out = python(
+        &server,
+        &m,
+        "os.makedirs('p/d'); os.makedirs('p/e')\n\
+         fd = os.open('p/d', os.O_RDONLY | os.O_DIRECTORY)\n\
+         ino = os.fstat(fd).st_ino\n\
+         os.rmdir('p/d')\n\
+         st = os.fstat(fd)\n\
+         assert st.st_ino == ino and stat.S_ISDIR(st.st_mode), st\n\
+         assert os.listdir('p') == ['e'] and not os.path.exists(srv('p/d'))\n\
+         os.close(fd)\n\
+         print('ok')\n",
+    );
+    assert_eq!(out, "ok\n");
+}

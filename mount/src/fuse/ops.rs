@@ -409,9 +409,17 @@ impl Remote {
         }
         // The parent's attributes and listing stay (the next rmdir's permission check on it,
         // `rm -rf`, needs no round trip).
+        // Its inode from the cache when known: no scan of the inode table (`rm -rf` of a tree).
+        let known = match self.cache.get(&path) {
+            Some(Cached::Present(a)) => Some(self.inodes.fuse_ino(a.ino)),
+            _ => None,
+        };
         self.cache.removed_dir(&path);
         self.dir_touched_links(parent, -1);
-        self.inodes.unlinked(&path);
+        match known {
+            Some(ino) if self.inodes.path(ino).as_ref() == Some(&path) => self.inodes.unlinked_ino(ino, &path),
+            _ => self.inodes.unlinked(&path),
+        }
         Ok(())
     }
 
