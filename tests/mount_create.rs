@@ -2,7 +2,7 @@
 //! `create` and stored with one `PutFile` at its close; while open it looks as it will, anything
 //! else that touches it stores it first; a failed store is close's error and takes the name away.
 
-use homefs_tests::mount::{delta, fuse_available, Counts, LoggedMount, TestMount, PASSWORD};
+use homefs_tests::mount::{alice_twice, delta, fuse_available, Counts, LoggedMount, TestMount, PASSWORD};
 use homefs_tests::TestServer;
 use std::fs;
 use std::path::Path;
@@ -175,13 +175,7 @@ fn mount_a_file_still_open_for_writing_looks_as_it_will_and_can_be_used_elsewher
 
 #[test]
 fn mount_another_mount_sees_a_created_file_after_close() {
-    if !fuse_available("mount_another_mount_sees_a_created_file_after_close") {
-        return;
-    }
-    let server = TestServer::start("mount_another_mount_sees_a_created_file_after_close");
-    server.add_user("alice", PASSWORD, None);
-    let a = TestMount::new(&server, "alice", PASSWORD, "");
-    let b = TestMount::new(&server, "alice", PASSWORD, "");
+    let Some((_server, a, b)) = alice_twice("mount_another_mount_sees_a_created_file_after_close") else { return };
     a.sh_ok("mkdir d && ls d");
     b.sh_ok("ls d");
     a.sh_ok("printf one > d/f && printf two > d/g");

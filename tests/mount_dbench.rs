@@ -4,7 +4,7 @@
 //! shows in the next listing: made through the mount, through another mount, or a file created
 //! behind whose store failed.
 
-use homefs_tests::mount::{fuse_available, python, wait_until, LoggedMount, TestMount, PASSWORD};
+use homefs_tests::mount::{alice_twice, fuse_available, python, wait_until, LoggedMount, TestMount, PASSWORD};
 use homefs_tests::TestServer;
 use std::time::Duration;
 
@@ -53,14 +53,7 @@ fn mount_an_unchanged_listing_is_read_from_the_kernel() {
 
 #[test]
 fn mount_a_kept_listing_follows_every_change() {
-    let name = "mount_a_kept_listing_follows_every_change";
-    if !fuse_available(name) {
-        return;
-    }
-    let server = TestServer::start(name);
-    server.add_user("alice", PASSWORD, None);
-    let a = TestMount::new(&server, "alice", PASSWORD, "");
-    let b = TestMount::new(&server, "alice", PASSWORD, "");
+    let Some((server, a, b)) = alice_twice("mount_a_kept_listing_follows_every_change") else { return };
     let list = |m: &TestMount| m.sh_ok("ls -a d | tr '\\n' ' '");
     // Each step lists twice (the second from the kernel's copy) and must see the change.
     let steps = [

@@ -1,23 +1,11 @@
 //! Several mounts at once: two users isolated, close-to-open between two mounts of one user,
 //! flock and fcntl (sqlite) locks across mounts, and a server restarted under a live mount.
 
-use homefs_tests::mount::{fuse_available, wait_until, LoggedMount, TestMount, PASSWORD};
+use homefs_tests::mount::{alice_twice, fuse_available, wait_until, LoggedMount, TestMount, PASSWORD};
 use homefs_tests::{hash, TestServer};
 use std::fs;
 use std::process::{Command, Stdio};
 use std::time::Duration;
-
-/// A server with alice mounted twice (as on two machines).
-fn alice_twice(name: &str) -> Option<(TestServer, TestMount, TestMount)> {
-    if !fuse_available(name) {
-        return None;
-    }
-    let server = TestServer::start(name);
-    server.add_user("alice", PASSWORD, None);
-    let a = TestMount::new(&server, "alice", PASSWORD, "");
-    let b = TestMount::new(&server, "alice", PASSWORD, "");
-    Some((server, a, b))
-}
 
 #[test]
 fn mount_two_users_are_isolated() {

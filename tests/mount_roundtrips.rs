@@ -6,7 +6,7 @@
 
 use bytes::Bytes;
 use homefs_shared::{ErrorCode, OpenFlags};
-use homefs_tests::mount::{delta, fuse_available, mounted_alice, wait_until, LoggedMount, TestMount, PASSWORD};
+use homefs_tests::mount::{alice_twice, delta, fuse_available, mounted_alice, wait_until, LoggedMount, PASSWORD};
 use homefs_tests::{wp, TestServer};
 use std::fs;
 use std::time::Duration;
@@ -64,13 +64,7 @@ fn mount_fresh_directory_names_and_times_stay_right() {
 #[test]
 fn mount_another_mounts_file_in_our_new_directory_appears_within_the_ttl() {
     let name = "mount_another_mounts_file_in_our_new_directory_appears_within_the_ttl";
-    if !fuse_available(name) {
-        return;
-    }
-    let server = TestServer::start(name);
-    server.add_user("alice", PASSWORD, None);
-    let a = TestMount::new(&server, "alice", PASSWORD, "");
-    let b = TestMount::new(&server, "alice", PASSWORD, "");
+    let Some((_server, a, b)) = alice_twice(name) else { return };
     a.sh_ok("mkdir shared");
     b.sh_ok("echo from-b > shared/f");
     // A's cache may call it absent for at most one TTL (1 s by default), as for any negative entry.

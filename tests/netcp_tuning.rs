@@ -5,8 +5,9 @@
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use homefs_tests::mount::poll_until;
 use homefs_tests::netcp::{netcp_bin, server_with_user, Netcp};
 
 const PASSWORD: &str = "correct horse";
@@ -50,17 +51,15 @@ fn logged_in_shell(netcp: &Netcp, env: &[(&str, &str)]) -> (Child, Vec<String>) 
 /// Ends the shell with `exit` and checks that it ended well (polled, within [`LOGIN_WAIT`]).
 fn finish(mut child: Child) {
     child.stdin.take().expect("piped stdin").write_all(b"exit\n").expect("exit sent");
-    let deadline = Instant::now() + LOGIN_WAIT;
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("wait for netcp") {
-            break status;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("waited {LOGIN_WAIT:?} for netcp shell to end after exit");
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    };
+    let mut status = None;
+    if !poll_until(LOGIN_WAIT, || {
+        status = child.try_wait().expect("wait for netcp");
+        status.is_some()
+    }) {
+        let _ = child.kill();
+        panic!("waited {LOGIN_WAIT:?} for netcp shell to end after exit");
+    }
+    let status = status.expect("ended");
     assert!(status.success(), "netcp shell ended with {status}");
 }
 

@@ -254,6 +254,14 @@ pub fn mounted_alice(name: &str, quota: Option<&str>) -> Option<(TestServer, Tes
     Some((server, mount))
 }
 
+/// A server named `name` with alice's home mounted twice (as on two machines); `None` (having
+/// said why) when FUSE is not available.
+pub fn alice_twice(name: &str) -> Option<(TestServer, TestMount, TestMount)> {
+    let (server, a) = mounted_alice(name, None)?;
+    let b = TestMount::new(&server, "alice", PASSWORD, "");
+    Some((server, a, b))
+}
+
 /// The pid of the netmount daemon serving `mountpoint` (its command line names the mountpoint
 /// and the hidden background flag).
 ///

@@ -269,9 +269,14 @@ impl InodeTable {
     }
 
     /// `path`, known to name inode `ino`, was unlinked through this mount (no scan of the table).
-    pub fn unlinked_ino(&self, ino: u64, path: &WirePath) {
-        if let Some(node) = self.lock().get_mut(&ino).filter(|n| n.path == *path) {
-            node.unlinked = true;
+    /// Returns whether the table had `ino` at `path`.
+    pub fn unlinked_ino(&self, ino: u64, path: &WirePath) -> bool {
+        match self.lock().get_mut(&ino).filter(|n| n.path == *path) {
+            Some(node) => {
+                node.unlinked = true;
+                true
+            }
+            None => false,
         }
     }
 

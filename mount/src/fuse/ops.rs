@@ -416,9 +416,8 @@ impl Remote {
         };
         self.cache.removed_dir(&path);
         self.dir_touched_links(parent, -1);
-        match known {
-            Some(ino) if self.inodes.path(ino).as_ref() == Some(&path) => self.inodes.unlinked_ino(ino, &path),
-            _ => self.inodes.unlinked(&path),
+        if !known.is_some_and(|ino| self.inodes.unlinked_ino(ino, &path)) {
+            self.inodes.unlinked(&path);
         }
         Ok(())
     }
